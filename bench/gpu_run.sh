@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device call: build (all cores), raw-op check, GPU tests, bench; logs under $OUT (or ./out).
+# Knobs: ARCHS (default 90a while iterating), HEAD_DIMS (default all), STEPS (default "build check test bench").
+set -uo pipefail
+OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
+STEPS=${STEPS:-build check test bench}
+export PYTHONUNBUFFERED=1
+status=0
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/device.txt"
+python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)' | tee -a "$OUT/device.txt"
+for step in $STEPS; do
+  echo "=== $step"; start=$(date +%s)
+  case $step in
+    build)
+      rm -rf build flashattn_ext/_C*.so
+      FLASHATTN_EXT_CUDA_ARCHS=${ARCHS:-90a} FLASHATTN_EXT_HEAD_DIMS=${HEAD_DIMS:-} MAX_JOBS=$(nproc) \
+        python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+      grep -E "spill|registers" "$OUT/build.log" | sort | uniq -c | head -20 ;;
+    check) python3 bench/op_check.py 2>&1 | tee "$OUT/check.log" || status=1 ;;
+    test) python3 -m pytest -q -x tests -rs 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1 ;;
+    bench) python3 bench/bench_fwd.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+  echo "=== $step took $(( $(date +%s) - start )) s"
+done
+exit $status

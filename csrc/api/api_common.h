@@ -1,0 +1,62 @@
+// Shared checks and params filling for the C++ op entry points.
+#pragma once
+#include <ATen/ATen.h>
+#include <limits>
+#include "../include/params.h"
+
+namespace fae {
+
+inline void check_attn_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "flashattn_ext: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == 4, "flashattn_ext: ", name, " must have 4 dims (batch, heads, seq, head_dim), got ", t.dim());
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
+              "flashattn_ext: ", name, " must be float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) == 1, "flashattn_ext: ", name, " must have a contiguous last dim");
+  // cp.async moves 16-byte chunks: rows, heads and batches must start on 16-byte boundaries.
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "flashattn_ext: ", name,
+              " data pointer must be 16-byte aligned");
+  for (int d = 0; d < 3; ++d)
+    TORCH_CHECK(t.size(d) <= 1 || t.stride(d) % 8 == 0, "flashattn_ext: ", name, ".stride(", d,
+                ") must be a multiple of 8 elements");
+}
+
+inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_attn_tensor(q, "q");
+  check_attn_tensor(k, "k");
+  check_attn_tensor(v, "v");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "flashattn_ext: q, k, v must have the same dtype");
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "flashattn_ext: q, k, v must be on one device");
+  TORCH_CHECK(k.sizes() == v.sizes(), "flashattn_ext: k and v must have the same shape");
+  TORCH_CHECK(k.size(0) == q.size(0), "flashattn_ext: k batch ", k.size(0), " != q batch ", q.size(0));
+  TORCH_CHECK(k.size(3) == q.size(3), "flashattn_ext: k head_dim ", k.size(3), " != q head_dim ", q.size(3));
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "flashattn_ext: q heads ", q.size(1),
+              " must be a multiple of k/v heads ", k.size(1));
+  const int64_t int_max = std::numeric_limits<int>::max();
+  TORCH_CHECK(q.size(2) < int_max && k.size(2) < int_max && q.size(0) * q.size(1) < int_max,
+              "flashattn_ext: sizes exceed the 32-bit index range");
+}
+
+inline void fill_qkv_params(QkvParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_batch_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0);
+  p.k_head_stride = k.stride(1);
+  p.k_row_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0);
+  p.v_head_stride = v.stride(1);
+  p.v_row_stride = v.stride(2);
+  p.batch = static_cast<int>(q.size(0));
+  p.heads_q = static_cast<int>(q.size(1));
+  p.heads_kv = static_cast<int>(k.size(1));
+  p.head_group = p.heads_q / p.heads_kv;
+  p.seqlen_q = static_cast<int>(q.size(2));
+  p.seqlen_k = static_cast<int>(k.size(2));
+  p.head_dim = static_cast<int>(q.size(3));
+}
+
+}  // namespace fae

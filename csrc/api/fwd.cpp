@@ -1,0 +1,54 @@
+// flashattn_ext::fwd: tensor checks -> FwdParams -> dispatch to the instantiated kernel. Python's
+// validate.py has already raised clear errors for bad input; these checks are the last line of defence.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cmath>
+#include "../include/params.h"
+#include "../include/switch.h"
+#include "api_common.h"
+
+namespace fae {
+
+template <typename T, int kHeadDim>
+void run_fa2_fwd(const FwdParams& params, cudaStream_t stream);
+
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       double scale, int64_t window_left, int64_t window_right) {
+  check_qkv(q, k, v);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "flashattn_ext: scale must be a positive finite number");
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "flashattn_ext: window entries must be >= -1");
+  const c10::cuda::CUDAGuard guard(q.device());
+
+  at::Tensor out = at::empty_like(q);  // q's layout when q is dense, else contiguous
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Sk = k.size(2);
+  at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  if (Sk == 0) {  // no keys: every row sees nothing
+    out.zero_();
+    lse.fill_(-INFINITY);
+    return {out, lse};
+  }
+
+  FwdParams p{};
+  fill_qkv_params(p, q, k, v);
+  p.o = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.o_batch_stride = out.stride(0);
+  p.o_head_stride = out.stride(1);
+  p.o_row_stride = out.stride(2);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * M_LOG2E);
+  p.window_left = static_cast<int>(std::min<int64_t>(window_left, Sk + Sq));
+  p.window_right = static_cast<int>(std::min<int64_t>(window_right, Sk + Sq));
+  (void)Hkv;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  FAE_DTYPE_SWITCH(q.scalar_type(), T, [&] {
+    FAE_HEADDIM_SWITCH(static_cast<int>(D), kHeadDim, [&] { run_fa2_fwd<T, kHeadDim>(p, stream); });
+  });
+  return {out, lse};
+}
+
+}  // namespace fae

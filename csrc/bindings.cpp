@@ -1,0 +1,32 @@
+// Op schemas (TORCH_LIBRARY) and their CUDA implementations, plus build information for Python.
+#include <torch/extension.h>
+#include <torch/library.h>
+#include "include/switch.h"
+
+namespace fae {
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       double scale, int64_t window_left, int64_t window_right);
+}
+
+#ifndef FAE_CUDA_ARCHS
+#define FAE_CUDA_ARCHS "unknown"
+#endif
+
+TORCH_LIBRARY(flashattn_ext, m) {
+  m.def("fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(flashattn_ext, CUDA, m) { m.impl("fwd", &fae::fwd); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("build_info", [] {
+    pybind11::dict info;
+    info["cuda_archs"] = FAE_CUDA_ARCHS;
+    info["head_dims"] = fae::compiled_head_dims();
+    info["dtypes"] = std::vector<std::string>{"float16", "bfloat16"};
+#ifdef CUDA_VERSION
+    info["cuda_version"] = CUDA_VERSION;
+#endif
+    return info;
+  });
+}

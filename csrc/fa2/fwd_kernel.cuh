@@ -1,0 +1,249 @@
+// FlashAttention-2 forward on tensor cores (mma.sync m16n8k16 + ldmatrix + cp.async).
+//
+// One block per (query tile of kBlockM rows, batch, head): the sequence is parallelised across blocks and
+// the K/V loop runs inside the block. Each warp owns kBlockM / kWarps query rows (split-Q) and their
+// softmax state, so warps never exchange partial results. K/V tiles are double-buffered in shared memory
+// and fetched with cp.async one tile ahead; S = Q K^T and O += P V stay in registers, P is fed to the
+// second mma straight from the first one's accumulators. Normalisation by 1/l happens once, at the end.
+#pragma once
+#include <cuda_runtime.h>
+#include "../include/mask.h"
+#include "../include/params.h"
+#include "../include/ptx.h"
+#include "../include/smem_tile.h"
+#include "../include/softmax.h"
+#include "../include/tile_size.h"
+
+namespace fae {
+
+template <typename T_, int kHeadDim_>
+struct Fa2FwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr TileShape kTile = fa2_fwd_tile(kHeadDim);
+  static constexpr int kBlockM = kTile.block_m, kBlockN = kTile.block_n, kWarps = kTile.warps;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kWarpRows = kBlockM / kWarps;
+  static constexpr int kMTiles = kWarpRows / 16;   // 16-row mma tiles per warp
+  static constexpr int kNTiles = kBlockN / 8;      // 8-key mma tiles of S
+  static constexpr int kDTiles = kHeadDim / 8;     // 8-column mma tiles of O
+  using QTile = SmemTile<kBlockM, kHeadDim>;
+  using KVTile = SmemTile<kBlockN, kHeadDim>;
+  // Q, then two stages of (K, V).
+  static constexpr int kSmemBytes = QTile::kBytes + 4 * KVTile::kBytes;
+  static constexpr int kMinBlocksPerSm = kThreads == 128 ? 2 : 1;
+  static_assert(kWarpRows % 16 == 0 && kBlockN % 16 == 0 && kHeadDim % 16 == 0, "tile shape");
+};
+
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
+    fa2_fwd_kernel(const __grid_constant__ FwdParams p) {
+  using T = typename Tr::T;
+  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kD = Tr::kHeadDim;
+  constexpr int kMT = Tr::kMTiles, kNT = Tr::kNTiles, kDT = Tr::kDTiles;
+  using QTile = typename Tr::QTile;
+  using KVTile = typename Tr::KVTile;
+
+  extern __shared__ __align__(16) char smem[];
+  const uint32_t sQ = smem_addr(smem);
+  const uint32_t sK0 = sQ + QTile::kBytes;  // stage s: K at sK0 + 2*s*KV, V at sK0 + (2*s+1)*KV
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+
+  // Flat grid, heads outermost; within a head the last (for causal: heaviest) query tiles launch first.
+  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int bh = blockIdx.x / num_m_blocks;
+  const int m_block = num_m_blocks - 1 - blockIdx.x % num_m_blocks;
+  const int b = bh / p.heads_q, h = bh % p.heads_q, hk = h / p.head_group;
+  const int m0 = m_block * kBlockM;
+  const int m_end = min(m0 + kBlockM, p.seqlen_q);
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+  float* lse = p.lse + (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q;
+
+  const WindowMask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  const int key_begin = mask.key_begin(m0), key_end = mask.key_end(m_end);
+  const int n_block_begin = key_begin / kBlockN;
+  const int n_block_end = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : n_block_begin;
+
+  // Per-thread accumulators: O rows (g, g+8) of each of its kMT m-tiles, and their softmax states.
+  float acc_o[kMT][kDT][4];
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+    for (int di = 0; di < kDT; ++di)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mi][di][e] = 0.f;
+  SoftmaxState state[kMT][2];
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi) state[mi][0].init(), state[mi][1].init();
+
+  if (n_block_begin < n_block_end) {
+    QTile::template load_async<Tr::kThreads>(sQ, q, p.q_row_stride, m0, p.seqlen_q, tid);
+    cp_async_commit();
+    const int n0 = n_block_begin * kBlockN;
+    KVTile::template load_async<Tr::kThreads>(sK0, k, p.k_row_stride, n0, p.seqlen_k, tid);
+    cp_async_commit();
+    KVTile::template load_async<Tr::kThreads>(sK0 + KVTile::kBytes, v, p.v_row_stride, n0, p.seqlen_k, tid);
+    cp_async_commit();
+  }
+
+  const int warp_row0 = m0 + warp * Tr::kWarpRows;  // first query row of this warp
+  int stage = 0;
+  for (int n_block = n_block_begin; n_block < n_block_end; ++n_block, stage ^= 1) {
+    const int n0 = n_block * kBlockN;
+    const uint32_t sK = sK0 + 2 * stage * KVTile::kBytes, sV = sK + KVTile::kBytes;
+    __syncthreads();  // every warp is done with the other stage (previous iteration): refill it
+    if (n_block + 1 < n_block_end) {
+      const uint32_t sKn = sK0 + 2 * (stage ^ 1) * KVTile::kBytes;
+      KVTile::template load_async<Tr::kThreads>(sKn, k, p.k_row_stride, n0 + kBlockN, p.seqlen_k, tid);
+      cp_async_commit();
+      KVTile::template load_async<Tr::kThreads>(sKn + KVTile::kBytes, v, p.v_row_stride, n0 + kBlockN,
+                                                p.seqlen_k, tid);
+      cp_async_commit();
+    } else {
+      cp_async_commit();  // empty groups keep the wait counts below uniform
+      cp_async_commit();
+    }
+    cp_async_wait<3>();  // Q and this K tile have landed (this V and the next K, V may still be in flight)
+    __syncthreads();
+
+    // S = Q K^T for this warp's rows.
+    float acc_s[kMT][kNT][4];
+#pragma unroll
+    for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < kNT; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[mi][ni][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mi = 0; mi < kMT; ++mi)
+        ldmatrix_x4(a[mi], QTile::addr(sQ, warp * Tr::kWarpRows + mi * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t bk[4];  // b0, b1 of key tiles 2np and 2np+1
+        ldmatrix_x4(bk, KVTile::addr(sK, np * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+        for (int mi = 0; mi < kMT; ++mi) {
+          mma_16816<T>(acc_s[mi][2 * np], a[mi], bk[0], bk[1]);
+          mma_16816<T>(acc_s[mi][2 * np + 1], a[mi], bk[2], bk[3]);
+        }
+      }
+    }
+
+    // Mask (only tiles that straddle the window or the end of the keys pay for it).
+    if (!mask.tile_fully_visible(warp_row0, warp_row0 + Tr::kWarpRows, n0, n0 + kBlockN)) {
+#pragma unroll
+      for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < kNT; ++ni)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = warp_row0 + mi * 16 + g + (e >= 2) * 8;
+            const int col = n0 + ni * 8 + 2 * t + (e & 1);
+            if (!mask.visible(row, col)) acc_s[mi][ni][e] = -INFINITY;
+          }
+    }
+
+    // Online softmax in the log2 domain: P = exp2(S * scale_log2 - m), O and l rescaled by the max's change.
+#pragma unroll
+    for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int ni = 0; ni < kNT; ++ni) mx = fmaxf(mx, fmaxf(acc_s[mi][ni][2 * half], acc_s[mi][ni][2 * half + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        SoftmaxState& st = state[mi][half];
+        const float factor = st.rescale_to(mx * p.scale_log2);
+        const float offset = st.exp_offset();
+        float sum = 0.f;
+#pragma unroll
+        for (int ni = 0; ni < kNT; ++ni)
+#pragma unroll
+          for (int e = 2 * half; e < 2 * half + 2; ++e) {
+            const float pe = exp2_approx(fmaf(acc_s[mi][ni][e], p.scale_log2, -offset));
+            acc_s[mi][ni][e] = pe;
+            sum += pe;
+          }
+        st.l += sum;  // per-thread partial sum over its columns; the quad is summed once at the end
+#pragma unroll
+        for (int di = 0; di < kDT; ++di) {
+          acc_o[mi][di][2 * half] *= factor;
+          acc_o[mi][di][2 * half + 1] *= factor;
+        }
+      }
+
+    // The S accumulator layout of two adjacent key tiles is the A-operand layout of one k16 step of P V:
+    // pack P to 16 bits now, so only half the registers stay live through the second product.
+    uint32_t p_frag[kMT][kBlockN / 16][4];
+#pragma unroll
+    for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        p_frag[mi][kk][0] = pack2<T>(acc_s[mi][2 * kk][0], acc_s[mi][2 * kk][1]);
+        p_frag[mi][kk][1] = pack2<T>(acc_s[mi][2 * kk][2], acc_s[mi][2 * kk][3]);
+        p_frag[mi][kk][2] = pack2<T>(acc_s[mi][2 * kk + 1][0], acc_s[mi][2 * kk + 1][1]);
+        p_frag[mi][kk][3] = pack2<T>(acc_s[mi][2 * kk + 1][2], acc_s[mi][2 * kk + 1][3]);
+      }
+
+    cp_async_wait<2>();  // this V tile has landed
+    __syncthreads();
+
+    // O += P V.
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+#pragma unroll
+      for (int dp = 0; dp < kDT / 2; ++dp) {
+        uint32_t bv[4];  // b0, b1 of output column tiles 2dp and 2dp+1
+        ldmatrix_x4_trans(bv, KVTile::addr(sV, kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 16 + (lane >> 4) * 8));
+#pragma unroll
+        for (int mi = 0; mi < kMT; ++mi) {
+          mma_16816<T>(acc_o[mi][2 * dp], p_frag[mi][kk], bv[0], bv[1]);
+          mma_16816<T>(acc_o[mi][2 * dp + 1], p_frag[mi][kk], bv[2], bv[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: normalise once, stage this warp's rows of O in its own rows of the Q tile (each warp only ever
+  // read its own Q rows), then write 16-byte coalesced rows.
+#pragma unroll
+  for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      SoftmaxState& st = state[mi][half];
+      st.l += __shfl_xor_sync(0xffffffff, st.l, 1);
+      st.l += __shfl_xor_sync(0xffffffff, st.l, 2);
+      const float inv = st.inv_sum();
+      const int r = warp * Tr::kWarpRows + mi * 16 + g + half * 8;
+#pragma unroll
+      for (int di = 0; di < kDT; ++di) {
+        const uint32_t packed = pack2<T>(acc_o[mi][di][2 * half] * inv, acc_o[mi][di][2 * half + 1] * inv);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(QTile::addr(sQ, r, di * 8 + 2 * t)), "r"(packed));
+      }
+      if (t == 0 && m0 + r < p.seqlen_q) lse[m0 + r] = st.lse();
+    }
+  __syncthreads();
+#pragma unroll
+  for (int i = tid; i < QTile::kChunks; i += Tr::kThreads) {
+    const int r = i / QTile::kChunksPerRow, c = (i % QTile::kChunksPerRow) * 8;
+    if (m0 + r < p.seqlen_q) {
+      uint4 val;
+      asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
+                   : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w) : "r"(QTile::addr(sQ, r, c)));
+      *reinterpret_cast<uint4*>(o + (m0 + r) * p.o_row_stride + c) = val;
+    }
+  }
+}
+
+}  // namespace fae

@@ -1,0 +1,41 @@
+// Which keys a query row sees. One rule for causal and sliding windows: query row i sits at key position
+// p = i + seqlen_k - seqlen_q (bottom-right aligned, as flash-attn) and sees key j iff
+//   j < seqlen_k  and  (left < 0 or j >= p - left)  and  (right < 0 or j <= p + right).
+// causal is window (-1, 0).
+#pragma once
+
+namespace fae {
+
+struct WindowMask {
+  int seqlen_q, seqlen_k, left, right;
+
+  __host__ __device__ __forceinline__ int pos(int row) const { return row + seqlen_k - seqlen_q; }
+
+  __host__ __device__ __forceinline__ bool visible(int row, int col) const {
+    const int p = pos(row);
+    // Bitwise & keeps this branch-free in the per-element masking loop.
+    return (col < seqlen_k) & (left < 0 || col >= p - left) & (right < 0 || col <= p + right);
+  }
+
+  // Key range [begin, end) that any of rows [row0, row1) may see; end <= begin means nothing.
+  __host__ __device__ __forceinline__ int key_begin(int row0) const {
+    if (left < 0) return 0;
+    const int b = pos(row0) - left;
+    return b > 0 ? b : 0;
+  }
+  __host__ __device__ __forceinline__ int key_end(int row1) const {
+    if (right < 0) return seqlen_k;
+    const int e = pos(row1 - 1) + right + 1;
+    return e < seqlen_k ? e : seqlen_k;
+  }
+
+  // True when every row in [row0, row1) sees every key in [col0, col1): the tile needs no masking.
+  __host__ __device__ __forceinline__ bool tile_fully_visible(int row0, int row1, int col0, int col1) const {
+    if (col1 > seqlen_k) return false;
+    if (left >= 0 && col0 < pos(row1 - 1) - left) return false;
+    if (right >= 0 && col1 - 1 > pos(row0) + right) return false;
+    return true;
+  }
+};
+
+}  // namespace fae

@@ -1,0 +1,123 @@
+"""Builds flashattn_ext._C (the CUDA kernels) with torch.utils.cpp_extension and ninja.
+
+Knobs (environment variables):
+  FLASHATTN_EXT_CUDA_ARCHS  ';'-separated SM targets, default "80;90a" ("90a" = wgmma-capable Hopper code).
+  FLASHATTN_EXT_HEAD_DIMS   ';'-separated head dims to compile, default all of 32;64;96;128;256.
+  MAX_JOBS                  parallel nvcc jobs; default min(cores, free memory / 2.5 GB).
+  CUDA_HOME                 CUDA toolkit; found from nvcc when unset (nvcc on PATH may be a wrapper).
+"""
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = pathlib.Path(__file__).parent.resolve()
+ALL_HEAD_DIMS = [32, 64, 96, 128, 256]
+
+
+def _has_cudart(home):
+    return any((pathlib.Path(home) / lib / "libcudart.so").exists() for lib in ("lib64", "lib"))
+
+
+def find_cuda_home():
+    """A toolkit folder with include/ and libcudart. nvcc on PATH can be a wrapper script or a symlink whose
+    parent folder has no lib64 (torch's own guess then fails at link time), so ask nvcc where it lives."""
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env:
+        if not _has_cudart(env):
+            sys.exit(f"flashattn_ext: CUDA_HOME={env} has no lib64/libcudart.so; point CUDA_HOME at the CUDA "
+                     "toolkit folder that has include/ and lib64/libcudart.so (e.g. /usr/local/cuda-13.0).")
+        return env
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        try:  # `nvcc --dryrun` prints the toolkit root as "#$ TOP=..."
+            out = subprocess.run([nvcc, "--dryrun", "-v", "x.cu"], capture_output=True, text=True).stderr
+            top = re.search(r"TOP=(\S+)", out)
+            if top:
+                candidates.append(os.path.realpath(top.group(1).rstrip("/").removesuffix("/bin/..")
+                                                   .removesuffix("/bin")))
+        except OSError:
+            pass
+        candidates.append(str(pathlib.Path(os.path.realpath(nvcc)).parent.parent))
+    candidates += ["/usr/local/cuda"]
+    for c in candidates:
+        if _has_cudart(c) and (pathlib.Path(c) / "include" / "cuda_runtime.h").exists():
+            return c
+    sys.exit("flashattn_ext: no CUDA toolkit with lib64/libcudart.so found (tried: " + ", ".join(candidates) +
+             "). Set CUDA_HOME to the toolkit folder.")
+
+
+def arch_flags(archs):
+    flags = []
+    for a in archs:
+        num = a.rstrip("a")
+        if not num.isdigit():
+            sys.exit(f"flashattn_ext: bad entry {a!r} in FLASHATTN_EXT_CUDA_ARCHS (expected e.g. 80;90a)")
+        flags.append(f"-gencode=arch=compute_{a},code=sm_{a}")
+    return flags
+
+
+def default_max_jobs():
+    cores = os.cpu_count() or 1
+    try:
+        avail_kb = int(re.search(r"MemAvailable:\s+(\d+)", open("/proc/meminfo").read()).group(1))
+        by_mem = max(1, int(avail_kb / (2.5 * 1024 * 1024)))  # one nvcc of these kernels peaks near 2 GB
+    except (OSError, AttributeError):
+        by_mem = cores
+    return max(1, min(cores, by_mem))
+
+
+def read_version():
+    text = (ROOT / "flashattn_ext" / "_version.py").read_text()
+    return re.search(r'__version__\s*=\s*"([^"]+)"', text).group(1)
+
+
+def make_extension():
+    os.environ["CUDA_HOME"] = find_cuda_home()  # before torch.utils.cpp_extension reads it
+    os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    archs = [a for a in os.environ.get("FLASHATTN_EXT_CUDA_ARCHS", "80;90a").replace(",", ";").split(";") if a]
+    dims_env = os.environ.get("FLASHATTN_EXT_HEAD_DIMS", "")
+    head_dims = [int(d) for d in dims_env.replace(",", ";").split(";") if d] or ALL_HEAD_DIMS
+    bad = [d for d in head_dims if d not in ALL_HEAD_DIMS]
+    if bad:
+        sys.exit(f"flashattn_ext: FLASHATTN_EXT_HEAD_DIMS has unsupported {bad}; choose from {ALL_HEAD_DIMS}")
+
+    csrc = ROOT / "csrc"
+    sources = [csrc / "bindings.cpp", *sorted((csrc / "api").glob("*.cpp"))]
+    for cu in sorted((csrc / "instantiations").glob("*.cu")):
+        dim = int(re.search(r"hdim(\d+)", cu.name).group(1))
+        if dim in head_dims:
+            sources.append(cu)
+    defines = [f"-DFAE_NO_HDIM{d}" for d in ALL_HEAD_DIMS if d not in head_dims]
+    defines.append(f'-DFAE_CUDA_ARCHS="{";".join(archs)}"')
+    # No -std: torch picks the C++ standard its headers need (17 for 2.11, 20 for 2.14).
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *arch_flags(archs), *defines]
+    cxx_flags = ["-O3", *defines]
+    print(f"flashattn_ext: CUDA_HOME={os.environ['CUDA_HOME']} archs={archs} head_dims={head_dims} "
+          f"MAX_JOBS={os.environ['MAX_JOBS']} sources={len(sources)}")
+    ext = CUDAExtension(
+        name="flashattn_ext._C",
+        sources=[str(s.relative_to(ROOT)) for s in sources],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = ([], {}) if os.environ.get("FLASHATTN_EXT_SKIP_BUILD") else make_extension()
+
+setup(
+    name="flashattn_ext",
+    version=read_version(),
+    description="FlashAttention-2 (and FA1) CUDA kernels for PyTorch, a drop-in for scaled_dot_product_attention",
+    packages=find_packages(include=["flashattn_ext", "flashattn_ext.*"]),
+    python_requires=">=3.9",
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
