@@ -4,6 +4,7 @@ Knobs (environment variables):
   FLASHATTN_EXT_CUDA_ARCHS  ';'-separated SM targets, default "80;90a" ("90a" = wgmma-capable Hopper code).
   FLASHATTN_EXT_HEAD_DIMS   ';'-separated head dims to compile, default all of 32;64;96;128;256.
   MAX_JOBS                  parallel nvcc jobs; default min(cores, free memory / 2.5 GB).
+  FLASHATTN_EXT_NVCC_FLAGS  extra nvcc flags (tuning, e.g. -DFAE_TILE_D=128 -DFAE_TILE_N=32 ...).
   CUDA_HOME                 CUDA toolkit; found from nvcc when unset (nvcc on PATH may be a wrapper).
 """
 import os
@@ -99,6 +100,7 @@ def make_extension():
     defines.append(f'-DFAE_CUDA_ARCHS="{";".join(archs)}"')
     # No -std: torch picks the C++ standard its headers need (17 for 2.11, 20 for 2.14).
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *arch_flags(archs), *defines]
+    nvcc_flags += os.environ.get("FLASHATTN_EXT_NVCC_FLAGS", "").split()  # tuning experiments
     cxx_flags = ["-O3", *defines]
     print(f"flashattn_ext: CUDA_HOME={os.environ['CUDA_HOME']} archs={archs} head_dims={head_dims} "
           f"MAX_JOBS={os.environ['MAX_JOBS']} sources={len(sources)}")

@@ -97,7 +97,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
   for (int n_block = n_block_begin; n_block < n_block_end; ++n_block, stage ^= 1) {
     const int n0 = n_block * kBlockN;
     const uint32_t sK = sK0 + 2 * stage * KVTile::kBytes, sV = sK + KVTile::kBytes;
-    __syncthreads();  // every warp is done with the other stage (previous iteration): refill it
+    cp_async_wait<1>();  // Q and this K tile have landed (this V tile may still be in flight)
+    // One barrier serves twice: this K tile is visible to all warps, and every warp has finished the previous
+    // iteration, so the other stage can be refilled with the next K/V tile while this one is computed.
+    __syncthreads();
     if (n_block + 1 < n_block_end) {
       const uint32_t sKn = sK0 + 2 * (stage ^ 1) * KVTile::kBytes;
       KVTile::template load_async<Tr::kThreads>(sKn, k, p.k_row_stride, n0 + kBlockN, p.seqlen_k, tid);
@@ -106,11 +109,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
                                                 p.seqlen_k, tid);
       cp_async_commit();
     } else {
-      cp_async_commit();  // empty groups keep the wait counts below uniform
+      cp_async_commit();  // empty groups keep the wait counts uniform
       cp_async_commit();
     }
-    cp_async_wait<3>();  // Q and this K tile have landed (this V and the next K, V may still be in flight)
-    __syncthreads();
 
     // S = Q K^T for this warp's rows.
     float acc_s[kMT][kNT][4];
@@ -195,7 +196,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
         p_frag[mi][kk][3] = pack2<T>(acc_s[mi][2 * kk + 1][2], acc_s[mi][2 * kk + 1][3]);
       }
 
-    cp_async_wait<2>();  // this V tile has landed
+    cp_async_wait<2>();  // this V tile has landed (the next K, V may still be in flight)
     __syncthreads();
 
     // O += P V.

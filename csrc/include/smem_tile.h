@@ -24,12 +24,14 @@ struct SmemTile {
       // Thread tid copies chunk (tid % C) of rows tid / C, tid / C + kRowStep, ...: one pointer, one stride.
       constexpr int kRowStep = kThreads / kChunksPerRow;
       const int r0 = tid / kChunksPerRow, c = (tid % kChunksPerRow) * 8;
+      // Walk one pointer by a fixed step: precomputing every row's 64-bit offset would pin 2 registers a row.
       const T* src = gmem + (row0 + r0) * row_stride + c;
+      const int64_t step = kRowStep * row_stride;
       const uint32_t dst = smem + r0 * kPitchBytes + c * 2;
 #pragma unroll
-      for (int i = 0; i < kChunks / kThreads; ++i) {
+      for (int i = 0; i < kChunks / kThreads; ++i, src += step) {
         const bool valid = row0 + r0 + i * kRowStep < row_limit;
-        cp_async_16(dst + i * kRowStep * kPitchBytes, valid ? src + i * kRowStep * row_stride : gmem, valid);
+        cp_async_16(dst + i * kRowStep * kPitchBytes, valid ? src : gmem, valid);
       }
     } else {  // head dims whose chunk count does not divide the thread count (96)
 #pragma unroll
