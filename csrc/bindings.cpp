@@ -1,6 +1,7 @@
 // Op schemas (TORCH_LIBRARY) and their CUDA implementations, plus build information for Python.
 #include <torch/extension.h>
 #include <torch/library.h>
+#include <cuda_runtime_api.h>
 #include "include/switch.h"
 
 namespace fae {
@@ -24,9 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cuda_archs"] = FAE_CUDA_ARCHS;
     info["head_dims"] = fae::compiled_head_dims();
     info["dtypes"] = std::vector<std::string>{"float16", "bfloat16"};
-#ifdef CUDA_VERSION
-    info["cuda_version"] = CUDA_VERSION;
-#endif
+    info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
     return info;
   });
 }

@@ -4,6 +4,7 @@ Importing ``flashattn_ext._C`` runs its TORCH_LIBRARY block, which defines ``tor
 The package must still import without it (CPU reference path, docs, tests), so a missing or broken
 extension only disables the CUDA path.
 """
+import importlib
 import warnings
 
 import torch
@@ -13,14 +14,12 @@ DEFAULT_HEAD_DIMS = (32, 64, 96, 128, 256)
 
 _IMPORT_ERROR = None
 try:
-    from flashattn_ext import _C
-except ModuleNotFoundError as e:
-    if e.name != "flashattn_ext._C":  # _C exists but something it needs is missing: say so
+    # import_module (not `from . import _C`) so a missing .so is a ModuleNotFoundError naming it
+    _C = importlib.import_module("flashattn_ext._C")
+except ImportError as e:
+    if not (isinstance(e, ModuleNotFoundError) and e.name == "flashattn_ext._C"):
+        # _C is there but does not load (e.g. built against another torch): not silent
         warnings.warn(f"flashattn_ext._C failed to import ({e}); the CUDA path is disabled", stacklevel=2)
-    _C = None
-    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
-except ImportError as e:  # e.g. built against a different torch (undefined symbol)
-    warnings.warn(f"flashattn_ext._C failed to import ({e}); the CUDA path is disabled", stacklevel=2)
     _C = None
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
@@ -50,8 +49,8 @@ SUPPORTED_HEAD_DIMS = tuple(int(d) for d in (build_info().get("head_dims") or DE
 
 
 def _fwd_fake(q, k, v, scale, window_left, window_right):
-    # Must mirror the CUDA op exactly (opcheck compares): empty_like keeps q's strides when q is dense and
-    # falls back to contiguous otherwise; lse is always contiguous fp32 (B, Hq, Sq).
+    # Must mirror the CUDA op exactly (opcheck compares strides): it also uses empty_like, which keeps q's
+    # strides when q is dense and otherwise makes dense strides in q's dim order; lse is contiguous fp32.
     out = torch.empty_like(q)
     lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
     return out, lse

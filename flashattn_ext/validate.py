@@ -88,10 +88,11 @@ def check_scale(scale, head_dim):
     if scale is None:
         return head_dim**-0.5
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be None or a real number (float), got {type(scale).__name__}")
+        raise TypeError(f"scale must be None or a positive float, got {type(scale).__name__}")
     scale = float(scale)
-    if not math.isfinite(scale) or scale == 0.0:
-        raise ValueError(f"scale must be finite and nonzero, got {scale}")
+    # Positive, as the C++ op requires (a negative scale has no use in attention).
+    if not math.isfinite(scale) or scale <= 0.0:
+        raise ValueError(f"scale must be a finite positive number, got {scale}")
     return scale
 
 
@@ -101,7 +102,7 @@ def check_window(window):
     if len(window) != 2:
         raise ValueError(f"window must have exactly 2 entries (left, right), got {len(window)}")
     for side, w in zip(("left", "right"), window):
-        if isinstance(w, bool) or not isinstance(w, int):
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
             raise TypeError(f"window {side} must be an int, got {type(w).__name__}")
         if w < -1:
             raise ValueError(f"window {side} must be >= -1 (-1 = unbounded), got {w}")
@@ -147,11 +148,15 @@ def check_cuda_layout(q, k, v, head_dims=None):
                          f"supported: {list(head_dims)}")
     if q.numel() == 0 or k.numel() == 0:  # nothing is read: no kernel launch
         return
+    int_max = 2**31 - 1  # the kernels index rows and (batch, head) pairs with 32-bit ints
+    if q.shape[2] >= int_max or k.shape[2] >= int_max or q.shape[0] * q.shape[1] >= int_max:
+        raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)}: seqlens and batch * heads must be < 2**31 - 1")
     for name, t in zip(_NAMES, (q, k, v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have stride(-1) == 1, got strides {tuple(t.stride())}; "
                              f"call {name}.contiguous()")
-        if any(s % 8 != 0 for s in t.stride()[:3]):
+        # Size-1 dims are never stepped over, so their stride is irrelevant (the C++ check agrees).
+        if any(n > 1 and s % 8 != 0 for n, s in zip(t.shape[:3], t.stride()[:3])):
             raise ValueError(
                 f"{name} strides {tuple(t.stride())} must be multiples of 8 elements in dims 0-2: each row "
                 f"must start 16-byte aligned for cp.async; call {name}.contiguous()"
@@ -160,7 +165,8 @@ def check_cuda_layout(q, k, v, head_dims=None):
         if ptr is not None and ptr % 16 != 0:
             raise ValueError(
                 f"{name}.data_ptr() must be 16-byte aligned (rows are loaded with 16-byte cp.async), got "
-                f"address % 16 == {ptr % 16} (a view with an odd storage offset?); call {name}.contiguous()"
+                f"address % 16 == {ptr % 16} (a view with an odd storage offset?); call {name}.clone() (.contiguous() "
+                f"does not copy an already contiguous view)"
             )
 
 

@@ -1,0 +1,7 @@
+"""flashattn_ext: hand-written CUDA FlashAttention kernels, a drop-in for torch SDPA's forward."""
+from . import reference
+from ._ops import build_info
+from ._version import __version__
+from .api import attention
+
+__all__ = ["attention", "build_info", "reference", "__version__"]

@@ -1,0 +1,56 @@
+"""Accuracy rule and input helpers shared by the tests and `python -m flashattn_ext`.
+
+The rule is flash-attn's: a kernel is as accurate as it can be in low precision when its error against a
+high-precision oracle is at most twice the error of the same math done naively in the input dtype.
+The oracle here runs in float64, which also keeps it free of TF32 matmuls on GPUs.
+"""
+import torch
+
+from .reference import attention_reference
+
+OUT_FLOOR = 1e-4  # absolute slack for cases where the low-precision reference happens to be ~exact
+LSE_ATOL = 1e-3   # lse is accumulated in fp32 in the kernel
+
+
+def make_qkv(B, Hq, Hkv, Sq, Sk, D, dtype=torch.float16, device="cpu", layout="bhsd", seed=0):
+    """Random q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D). layout "bshd" allocates (B, S, H, D) memory and views it
+    as (B, H, S, D) with transpose(1, 2), the layout most models produce."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(H, S):
+        if layout == "bhsd":
+            return torch.randn(B, H, S, D, generator=g).to(device=device, dtype=dtype)
+        if layout == "bshd":
+            return torch.randn(B, S, H, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+        raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
+
+    return rand(Hq, Sq), rand(Hkv, Sk), rand(Hkv, Sk)
+
+
+def oracle(q, k, v, **kwargs):
+    """float64 reference: (out, lse)."""
+    return attention_reference(q.double(), k.double(), v.double(), return_lse=True, **kwargs)
+
+
+def max_abs_err(a, b):
+    """max |a - b| as a float; NaN anywhere gives NaN (which fails every `<=` bound)."""
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+def two_x_rule(out, q, k, v, floor=OUT_FLOOR, **kwargs):
+    """(err, bound, ref_lse, ok) for out = attention(q, k, v, **kwargs) under flash-attn's 2x rule."""
+    ref, ref_lse = oracle(q, k, v, **kwargs)
+    lowp = attention_reference(q, k, v, upcast=False, **kwargs)
+    err = max_abs_err(out, ref)
+    bound = 2 * max_abs_err(lowp, ref) + floor
+    return err, bound, ref_lse, err <= bound
+
+
+def lse_check(lse, ref_lse, atol=LSE_ATOL):
+    """(max err over rows that see keys, ok): -inf exactly where the reference has -inf, close elsewhere."""
+    seen = ~torch.isneginf(ref_lse)
+    same_empty_rows = torch.equal(torch.isneginf(lse), ~seen)
+    err = max_abs_err(lse[seen], ref_lse[seen])
+    return err, same_empty_rows and err <= atol

@@ -1,0 +1,196 @@
+"""The reference (and the CPU path of attention()) against torch SDPA and against masks built by hand."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+import flashattn_ext
+from flashattn_ext.api import kernel_window
+from flashattn_ext.reference import attention_reference, effective_window, visible_mask
+from flashattn_ext.testing import make_qkv
+
+FLOATS = [torch.float32, torch.float64]
+TOL = {torch.float32: dict(atol=2e-6, rtol=2e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
+
+
+def loop_mask(Sq, Sk, causal, window):
+    """The CONTRACT's visibility rule written out element by element (independent of visible_mask)."""
+    left, right = window
+    if causal:
+        right = 0 if right == -1 else min(right, 0)
+    m = torch.zeros(Sq, Sk, dtype=torch.bool)
+    for i in range(Sq):
+        p = i + Sk - Sq
+        for j in range(Sk):
+            m[i, j] = (left < 0 or j >= p - left) and (right < 0 or j <= p + right)
+    return m
+
+
+def sdpa(q, k, v, **kw):
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kw)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("Sq,Sk", [(1, 1), (5, 5), (33, 17), (17, 65)])
+def test_no_mask_matches_sdpa(dtype, Sq, Sk):
+    q, k, v = make_qkv(2, 3, 3, Sq, Sk, 16, dtype, seed=Sq * 100 + Sk)
+    torch.testing.assert_close(attention_reference(q, k, v), sdpa(q, k, v), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("S", [1, 7, 64])
+def test_causal_square_matches_sdpa_is_causal(dtype, S):
+    # With Sq == Sk bottom-right and top-left alignment coincide.
+    q, k, v = make_qkv(2, 4, 4, S, S, 32, dtype, seed=S)
+    torch.testing.assert_close(attention_reference(q, k, v, causal=True), sdpa(q, k, v, is_causal=True),
+                               **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("Hq,Hkv", [(4, 2), (8, 1), (6, 3)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_matches_sdpa_enable_gqa(dtype, Hq, Hkv, causal):
+    q, k, v = make_qkv(2, Hq, Hkv, 19, 19, 16, dtype, seed=Hq + Hkv)
+    torch.testing.assert_close(attention_reference(q, k, v, causal=causal), sdpa(q, k, v, is_causal=causal),
+                               **TOL[dtype])
+
+
+@pytest.mark.parametrize("Sq,Sk", [(1, 9), (5, 40), (31, 32)])
+def test_bottom_right_causal_matches_torch_causal_lower_right(Sq, Sk):
+    q, k, v = make_qkv(1, 2, 2, Sq, Sk, 8, torch.float64, seed=Sk)
+    expected = sdpa(q, k, v, attn_mask=causal_lower_right(Sq, Sk))
+    torch.testing.assert_close(attention_reference(q, k, v, causal=True), expected, **TOL[torch.float64])
+
+
+WINDOW_CASES = [(Sq, Sk, causal, w) for Sq, Sk in [(9, 9), (6, 13), (13, 6), (1, 5)]
+                for causal in (False, True) for w in [(-1, -1), (0, 0), (2, -1), (-1, 3), (3, 1), (1, 4)]]
+
+
+@pytest.mark.parametrize("Sq,Sk,causal,window", WINDOW_CASES)
+def test_visible_mask_matches_contract_rule(Sq, Sk, causal, window):
+    assert torch.equal(visible_mask(Sq, Sk, causal, window), loop_mask(Sq, Sk, causal, window))
+
+
+@pytest.mark.parametrize("Sq,Sk,causal,window", WINDOW_CASES)
+def test_masked_attention_matches_sdpa_with_explicit_mask(Sq, Sk, causal, window):
+    mask = loop_mask(Sq, Sk, causal, window)
+    seen = mask.any(-1)
+    q, k, v = make_qkv(2, 4, 2, Sq, Sk, 8, torch.float64, seed=Sq + 7 * Sk)
+    out, lse = attention_reference(q, k, v, causal=causal, window=window, return_lse=True)
+    expected = sdpa(q, k, v, attn_mask=mask | ~seen[:, None])  # SDPA NaNs rows that see nothing
+    torch.testing.assert_close(out[:, :, seen], expected[:, :, seen], **TOL[torch.float64])
+    assert torch.all(out[:, :, ~seen] == 0)
+    # lse from its definition, over the visible keys only
+    kk = k.repeat_interleave(2, dim=1)
+    s = (q @ kk.transpose(-1, -2)) / math.sqrt(8)
+    ref_lse = torch.logsumexp(s.masked_fill(~mask, -math.inf), dim=-1)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 4, Sq)
+    torch.testing.assert_close(lse[:, :, seen], ref_lse[:, :, seen].float())
+    assert torch.all(torch.isneginf(lse[:, :, ~seen]))
+
+
+def test_fully_masked_rows_are_zero_with_neg_inf_lse():
+    # Sq > Sk with causal: the first Sq - Sk rows see no key.
+    q, k, v = make_qkv(2, 2, 2, 10, 4, 8, torch.float32, seed=1)
+    out, lse = attention_reference(q, k, v, causal=True, return_lse=True)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.all(out[:, :, :6] == 0) and torch.all(torch.isneginf(lse[:, :, :6]))
+    assert torch.all(out[:, :, 6:].abs().sum(-1) > 0) and torch.all(torch.isfinite(lse[:, :, 6:]))
+
+
+def test_no_keys_gives_zeros_and_neg_inf():
+    q, k, v = make_qkv(2, 4, 2, 5, 0, 8, torch.float32)
+    for fn in (attention_reference, flashattn_ext.attention):
+        out, lse = fn(q, k, v, return_lse=True)
+        assert out.shape == q.shape and torch.all(out == 0)
+        assert lse.shape == (2, 4, 5) and torch.all(torch.isneginf(lse))
+
+
+@pytest.mark.parametrize("shape_q,shape_kv", [((0, 2, 5, 8), (0, 1, 5, 8)), ((2, 0, 5, 8), (2, 1, 5, 8)),
+                                              ((2, 2, 0, 8), (2, 1, 5, 8))])
+def test_empty_query_gives_empty_outputs(shape_q, shape_kv):
+    q, k, v = torch.randn(shape_q), torch.randn(shape_kv), torch.randn(shape_kv)
+    out, lse = flashattn_ext.attention(q, k, v, causal=True, return_lse=True)
+    assert out.shape == shape_q and lse.shape == shape_q[:3] and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_custom_scale_matches_sdpa(dtype):
+    q, k, v = make_qkv(1, 2, 2, 12, 12, 16, dtype, seed=3)
+    torch.testing.assert_close(attention_reference(q, k, v, scale=0.37, causal=True),
+                               sdpa(q, k, v, scale=0.37, is_causal=True), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_upcast_flag(dtype):
+    q, k, v = make_qkv(2, 4, 4, 64, 64, 32, dtype, seed=5)
+    exact = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    hi = attention_reference(q, k, v, causal=True)
+    lo = attention_reference(q, k, v, causal=True, upcast=False)
+    assert hi.dtype == lo.dtype == dtype
+    err_hi, err_lo = (hi.double() - exact).abs().max(), (lo.double() - exact).abs().max()
+    # fp32 math rounded once to the output dtype is never worse than doing the math in low precision
+    assert 0 < err_lo and err_hi <= err_lo
+    assert err_lo < (0.05 if dtype == torch.bfloat16 else 0.01)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("dtype", FLOATS + [torch.float16, torch.bfloat16])
+def test_api_cpu_equals_reference(layout, dtype):
+    q, k, v = make_qkv(2, 4, 2, 11, 23, 16, dtype, layout=layout, seed=9)
+    out, lse = flashattn_ext.attention(q, k, v, causal=True, window=(5, -1), scale=0.2, return_lse=True)
+    ref, ref_lse = attention_reference(q, k, v, causal=True, window=(5, -1), scale=0.2, return_lse=True)
+    assert out.dtype == dtype and out.stride() == q.stride()  # q's layout, like the CUDA op
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    assert torch.equal(flashattn_ext.attention(q, k, v, causal=True, window=[5, -1], scale=0.2), ref)
+
+
+def test_api_cpu_non_dense_q_gives_dense_out_in_q_order():
+    # empty_like (used by the CUDA op too) keeps q's dimension order: packed qkv -> (B, S, H, D) memory
+    qkv = torch.randn(2, 7, 3, 4, 16)  # packed (B, S, 3, H, D)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    out = flashattn_ext.attention(q, k, v)
+    assert out.stride() == (7 * 4 * 16, 16, 4 * 16, 1)
+    torch.testing.assert_close(out, sdpa(q, k, v))
+
+
+def test_cpu_autograd_matches_sdpa():
+    q, k, v = make_qkv(2, 4, 2, 9, 9, 8, torch.float64, seed=2)
+    grads = []
+    for fn in (lambda a, b, c: flashattn_ext.attention(a, b, c, causal=True),
+               lambda a, b, c: sdpa(a, b, c, is_causal=True)):
+        a, b, c = (t.clone().requires_grad_() for t in (q, k, v))
+        fn(a, b, c).square().sum().backward()
+        grads.append((a.grad, b.grad, c.grad))
+    for g_ours, g_sdpa in zip(*grads):
+        torch.testing.assert_close(g_ours, g_sdpa)
+
+
+def test_cpu_gradcheck_with_window_gqa_and_empty_rows():
+    q, k, v = make_qkv(1, 4, 2, 7, 4, 3, torch.float64, seed=4)  # Sq > Sk causal: 3 rows see nothing
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    fn = lambda a, b, c: flashattn_ext.attention(a, b, c, causal=True, window=(1, -1))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    out = fn(q, k, v)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert torch.all(q.grad[:, :, :3] == 0)  # rows that see nothing have no influence
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [(-1, -1), (0, 0), (3, 2), (100, 100), (2**40, -1), (-1, 2**40)])
+@pytest.mark.parametrize("Sq,Sk", [(7, 7), (3, 11), (11, 3)])
+def test_kernel_window_keeps_the_mask(causal, window, Sq, Sk):
+    left, right = kernel_window(causal, window, Sq, Sk)
+    assert left < 2**31 and right < 2**31  # fits the kernel's int
+    assert (left, right) == effective_window(causal, window) or -1 in (left, right)
+    assert torch.equal(visible_mask(Sq, Sk, False, (left, right)), loop_mask(Sq, Sk, causal, window))
+
+
+def test_causal_folds_into_window():
+    assert effective_window(True, (-1, -1)) == (-1, 0)
+    assert effective_window(True, (8, -1)) == (8, 0)
+    assert effective_window(True, (8, 4)) == (8, 0)
+    assert effective_window(False, (8, 4)) == (8, 4)
