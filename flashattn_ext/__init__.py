@@ -2,6 +2,6 @@
 from . import reference
 from ._ops import build_info
 from ._version import __version__
-from .api import attention
+from .api import attention, resolve_algorithm
 
-__all__ = ["attention", "build_info", "reference", "__version__"]
+__all__ = ["attention", "build_info", "reference", "resolve_algorithm", "__version__"]

@@ -63,3 +63,11 @@ if HAS_CUDA_EXT:
 def fwd(q, k, v, scale, window_left, window_right):
     """Raw forward op: no argument checks beyond the C++ TORCH_CHECKs; use flashattn_ext.attention."""
     return torch.ops.flashattn_ext.fwd.default(q, k, v, float(scale), int(window_left), int(window_right))
+
+
+def fa1_fwd(q, k, v, scale, window_left, window_right):
+    """Raw FlashAttention-1 forward op (kept for comparison with FA2); use attention(..., algorithm="fa1")."""
+    return torch.ops.flashattn_ext.fa1_fwd.default(q, k, v, float(scale), int(window_left), int(window_right))
+
+
+from . import _ops_fa1  # noqa: E402,F401  registers fa1_fwd's fake impl; needs _C set above

@@ -19,7 +19,18 @@ def kernel_window(causal, window, seqlen_q, seqlen_k):
     return left, right
 
 
-def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -1)):
+ALGORITHMS = ("auto", "fa2", "fa1")
+
+
+def resolve_algorithm(algorithm="auto"):
+    """The kernel ``attention(..., algorithm=algorithm)`` runs on CUDA. The rule for "auto" is fixed and
+    documented: FlashAttention-2, measured faster than FA1 on every benchmarked shape (README, "FA1 vs FA2")."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    return "fa2" if algorithm == "auto" else algorithm
+
+
+def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -1), algorithm="auto"):
     """FlashAttention forward: ``softmax(q @ k^T * scale + mask) @ v``.
 
     Args:
@@ -32,6 +43,10 @@ def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -
             query rows see no key at all: their output is 0 and their lse is -inf.
         scale: softmax scale, default ``1 / sqrt(D)``; any finite positive float.
         return_lse: also return the log-sum-exp of each row.
+        algorithm: "auto" (= "fa2", see ``resolve_algorithm``), "fa2" (FlashAttention-2: query tiles across
+            blocks, K/V loop inside, split-Q warps) or "fa1" (FlashAttention-1 as published: one block per
+            (batch, head), K/V-outer / Q-inner loops, O, m, l round-tripped through global memory, split-K
+            warps reduced through shared memory; forward only). Same results either way; CPU ignores it.
         window: ``(left, right)`` sliding window in key positions around ``p``; query ``i`` sees key ``j``
             iff ``(left < 0 or j >= p - left) and (right < 0 or j <= p + right)``; ``-1`` = unbounded.
             ``causal=True`` sets ``right = 0`` (or ``min(right, 0)`` when given), so ``causal=True,
@@ -56,6 +71,7 @@ def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -
     Bad arguments raise TypeError / ValueError naming the argument, before any kernel runs.
     """
     scale = validate.validate_attention_args(q, k, v, causal, scale, window, return_lse)
+    algorithm = resolve_algorithm(algorithm)
     B, Hq, Sq, _ = q.shape
     Sk = k.shape[2]
     left, right = kernel_window(causal, window, Sq, Sk)
@@ -67,5 +83,6 @@ def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -
         out = torch.zeros_like(q)  # a row with no key: output 0, lse -inf (and nothing to launch)
         lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device)
     else:
-        out, lse = _ops.fwd(q, k, v, scale, left, right)
+        run = _ops.fa1_fwd if algorithm == "fa1" else _ops.fwd
+        out, lse = run(q, k, v, scale, left, right)
     return (out, lse) if return_lse else out

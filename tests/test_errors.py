@@ -167,3 +167,14 @@ def test_errors_come_before_any_compute(monkeypatch):
     monkeypatch.setattr(api, "attention_reference", boom)
     with pytest.raises(ValueError, match="^window"):
         call(window=(-3, 0))
+
+
+def test_algorithm_rejected_names_the_argument():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="algorithm"):
+        flashattn_ext.attention(q, q, q, algorithm="fa3")
+
+
+def test_auto_algorithm_rule_is_fa2():
+    assert flashattn_ext.resolve_algorithm("auto") == "fa2"
+    assert flashattn_ext.resolve_algorithm("fa1") == "fa1"

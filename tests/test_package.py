@@ -15,7 +15,7 @@ CONTRACT_SCHEMA = ("flashattn_ext::fwd(Tensor q, Tensor k, Tensor v, float scale
 
 
 def test_public_names():
-    assert set(flashattn_ext.__all__) == {"attention", "build_info", "reference", "__version__"}
+    assert set(flashattn_ext.__all__) == {"attention", "build_info", "reference", "resolve_algorithm", "__version__"}
     assert callable(flashattn_ext.attention)
     assert flashattn_ext.reference.attention_reference is attention_reference
 

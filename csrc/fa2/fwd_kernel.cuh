@@ -2,8 +2,8 @@
 //
 // One block per (query tile of kBlockM rows, batch, head): the sequence is parallelised across blocks and
 // the K/V loop runs inside the block. Each warp owns kBlockM / kWarps query rows (split-Q) and their
-// softmax state, so warps never exchange partial results. K/V tiles are double-buffered in shared memory
-// and fetched with cp.async one tile ahead; S = Q K^T and O += P V stay in registers, P is fed to the
+// softmax state, so warps never exchange partial results. K/V tiles sit in a ring of kStages shared-memory
+// stages (double buffering at kStages = 2) and are fetched with cp.async kStages - 1 tiles ahead; S = Q K^T and O += P V stay in registers, P is fed to the
 // second mma straight from the first one's accumulators. Normalisation by 1/l happens once, at the end.
 #pragma once
 #include <cuda_runtime.h>
@@ -29,8 +29,9 @@ struct Fa2FwdTraits {
   static constexpr int kDTiles = kHeadDim / 8;     // 8-column mma tiles of O
   using QTile = SmemTile<kBlockM, kHeadDim>;
   using KVTile = SmemTile<kBlockN, kHeadDim>;
-  // Q, then two stages of (K, V).
-  static constexpr int kSmemBytes = QTile::kBytes + 4 * KVTile::kBytes;
+  static constexpr int kStages = kTile.stages;
+  // Q, then kStages stages of (K, V).
+  static constexpr int kSmemBytes = QTile::kBytes + 2 * kStages * KVTile::kBytes;
   static constexpr int kMinBlocksPerSm = kThreads == 128 ? 2 : 1;
   static_assert(kWarpRows % 16 == 0 && kBlockN % 16 == 0 && kHeadDim % 16 == 0, "tile shape");
 };
@@ -82,36 +83,39 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
 #pragma unroll
   for (int mi = 0; mi < kMT; ++mi) state[mi][0].init(), state[mi][1].init();
 
+  constexpr int kStages = Tr::kStages;
+  // Tile n_block_begin + i lives in ring stage i % kStages; K at sK0 + 2 * stage * KV, V right after it.
+  auto load_kv = [&](int stage, int n_block) {
+    const uint32_t sKs = sK0 + 2 * stage * KVTile::kBytes;
+    if (n_block < n_block_end) {
+      KVTile::template load_async<Tr::kThreads>(sKs, k, p.k_row_stride, n_block * kBlockN, p.seqlen_k, tid);
+      cp_async_commit();
+      KVTile::template load_async<Tr::kThreads>(sKs + KVTile::kBytes, v, p.v_row_stride, n_block * kBlockN,
+                                                p.seqlen_k, tid);
+      cp_async_commit();
+    } else {
+      cp_async_commit();  // empty groups keep the wait counts below uniform
+      cp_async_commit();
+    }
+  };
   if (n_block_begin < n_block_end) {
     QTile::template load_async<Tr::kThreads>(sQ, q, p.q_row_stride, m0, p.seqlen_q, tid);
     cp_async_commit();
-    const int n0 = n_block_begin * kBlockN;
-    KVTile::template load_async<Tr::kThreads>(sK0, k, p.k_row_stride, n0, p.seqlen_k, tid);
-    cp_async_commit();
-    KVTile::template load_async<Tr::kThreads>(sK0 + KVTile::kBytes, v, p.v_row_stride, n0, p.seqlen_k, tid);
-    cp_async_commit();
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) load_kv(s, n_block_begin + s);
   }
 
   const int warp_row0 = m0 + warp * Tr::kWarpRows;  // first query row of this warp
   int stage = 0;
-  for (int n_block = n_block_begin; n_block < n_block_end; ++n_block, stage ^= 1) {
+  for (int n_block = n_block_begin; n_block < n_block_end; ++n_block, stage = stage + 1 == kStages ? 0 : stage + 1) {
     const int n0 = n_block * kBlockN;
     const uint32_t sK = sK0 + 2 * stage * KVTile::kBytes, sV = sK + KVTile::kBytes;
-    cp_async_wait<1>();  // Q and this K tile have landed (this V tile may still be in flight)
+    // Groups newer than this K tile: its V and the (K, V) pairs of the kStages - 2 tiles after it.
+    cp_async_wait<2 * kStages - 3>();
     // One barrier serves twice: this K tile is visible to all warps, and every warp has finished the previous
-    // iteration, so the other stage can be refilled with the next K/V tile while this one is computed.
+    // iteration, so its stage can be refilled with the tile kStages - 1 ahead while this one is computed.
     __syncthreads();
-    if (n_block + 1 < n_block_end) {
-      const uint32_t sKn = sK0 + 2 * (stage ^ 1) * KVTile::kBytes;
-      KVTile::template load_async<Tr::kThreads>(sKn, k, p.k_row_stride, n0 + kBlockN, p.seqlen_k, tid);
-      cp_async_commit();
-      KVTile::template load_async<Tr::kThreads>(sKn + KVTile::kBytes, v, p.v_row_stride, n0 + kBlockN,
-                                                p.seqlen_k, tid);
-      cp_async_commit();
-    } else {
-      cp_async_commit();  // empty groups keep the wait counts uniform
-      cp_async_commit();
-    }
+    load_kv(stage == 0 ? kStages - 1 : stage - 1, n_block + kStages - 1);
 
     // S = Q K^T for this warp's rows.
     float acc_s[kMT][kNT][4];
@@ -154,6 +158,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
     }
 
     // Online softmax in the log2 domain: P = exp2(S * scale_log2 - m), O and l rescaled by the max's change.
+    float factor[kMT][2];
+    bool max_moved = false;
 #pragma unroll
     for (int mi = 0; mi < kMT; ++mi)
 #pragma unroll
@@ -164,7 +170,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
         SoftmaxState& st = state[mi][half];
-        const float factor = st.rescale_to(mx * p.scale_log2);
+        factor[mi][half] = st.rescale_to(mx * p.scale_log2);
+        max_moved |= factor[mi][half] != 1.f;
         const float offset = st.exp_offset();
         float sum = 0.f;
 #pragma unroll
@@ -176,12 +183,17 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
             sum += pe;
           }
         st.l += sum;  // per-thread partial sum over its columns; the quad is summed once at the end
-#pragma unroll
-        for (int di = 0; di < kDT; ++di) {
-          acc_o[mi][di][2 * half] *= factor;
-          acc_o[mi][di][2 * half + 1] *= factor;
-        }
       }
+    // After the first few tiles the running max rarely moves: skip the O rescale (kMT * kDT * 4 multiplies,
+    // as many as the tile's useful FLOPs per thread at small key tiles) when no row of the warp needs it.
+    if (__any_sync(0xffffffff, max_moved)) {
+#pragma unroll
+      for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+        for (int di = 0; di < kDT; ++di)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_o[mi][di][e] *= factor[mi][e / 2];
+    }
 
     // The S accumulator layout of two adjacent key tiles is the A-operand layout of one k16 step of P V:
     // pack P to 16 bits now, so only half the registers stay live through the second product.
@@ -196,7 +208,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
         p_frag[mi][kk][3] = pack2<T>(acc_s[mi][2 * kk + 1][2], acc_s[mi][2 * kk + 1][3]);
       }
 
-    cp_async_wait<2>();  // this V tile has landed (the next K, V may still be in flight)
+    cp_async_wait<2 * kStages - 2>();  // this V tile has landed (the next tiles may still be in flight)
     __syncthreads();
 
     // O += P V.

@@ -28,4 +28,11 @@ struct FwdParams : QkvParams {
   int window_left, window_right;
 };
 
+// FlashAttention-1 forward keeps O, m and l in global memory between K/V tiles (the round trip FA2 removes).
+struct Fa1FwdParams : FwdParams {
+  float* __restrict__ o_acc;  // (batch, heads_q, seqlen_q, head_dim) contiguous, O normalised by l so far
+  float* __restrict__ m;      // (batch, heads_q, seqlen_q) contiguous, running max (log2 domain)
+  float* __restrict__ l;      // (batch, heads_q, seqlen_q) contiguous, running sum of exp2(score - m)
+};
+
 }  // namespace fae

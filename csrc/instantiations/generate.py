@@ -20,7 +20,7 @@ namespace fae {{
 template void {launcher}<{ctype}, {hdim}>(const {params}&, cudaStream_t);
 }}  // namespace fae
 """
-PARAMS = {"fa2_fwd": "FwdParams", "fa1_fwd": "FwdParams"}
+PARAMS = {"fa2_fwd": "FwdParams", "fa1_fwd": "Fa1FwdParams"}
 
 
 def main():
