@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over small cases of every kernel
+# (bench/sanitize_cases.py). Needs a built extension and a GPU. Prints one ERROR SUMMARY line per tool.
+set -uo pipefail
+OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+status=0
+for tool in memcheck racecheck synccheck initcheck; do
+  # Only our kernels are checked (PyTorch's own kernels are not ours to fix).
+  compute-sanitizer --tool "$tool" --kernel-name regex:fae --print-limit 20 \
+    python3 bench/sanitize_cases.py > "$OUT/sanitize_$tool.log" 2>&1
+  rc=$?
+  summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize_$tool.log" | tail -1)
+  echo "$tool: rc=$rc ${summary:-no summary line}"
+  if [ $rc -ne 0 ] || ! grep -qE "(ERROR|RACECHECK) SUMMARY: 0 (errors|hazards)" <<< "$summary"; then
+    status=1; grep -E "=========" "$OUT/sanitize_$tool.log" | head -20
+  fi
+done
+exit $status
