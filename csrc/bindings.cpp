@@ -6,7 +6,7 @@
 
 namespace fae {
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       double scale, int64_t window_left, int64_t window_right);
+                                       double scale, int64_t window_left, int64_t window_right, bool deterministic);
 }
 
 #ifndef FAE_CUDA_ARCHS
@@ -14,7 +14,11 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
 #endif
 
 TORCH_LIBRARY(flashattn_ext, m) {
-  m.def("fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right) -> (Tensor, Tensor)");
+  // deterministic is unused by the forward; autograd saves it for the backward (flashattn_ext/_ops.py), so one
+  // op carries the choice through torch.compile graphs.
+  m.def(
+      "fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, bool deterministic=False) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(flashattn_ext, CUDA, m) { m.impl("fwd", &fae::fwd); }

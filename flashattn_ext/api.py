@@ -30,7 +30,8 @@ def resolve_algorithm(algorithm="auto"):
     return "fa2" if algorithm == "auto" else algorithm
 
 
-def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -1), algorithm="auto"):
+def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -1), algorithm="auto",
+              deterministic=False):
     """FlashAttention forward: ``softmax(q @ k^T * scale + mask) @ v``.
 
     Args:
@@ -57,8 +58,13 @@ def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -
     16-byte aligned data). Any such strides work, e.g. (B, S, H, D) memory viewed with ``.transpose(1, 2)``
     or q/k/v sliced out of a packed qkv tensor. CPU tensors (float16/bfloat16/float32/float64) use the
     pure-PyTorch reference (``flashattn_ext.reference``), computed in float32 and returned in the input
-    dtype; it is differentiable. The CUDA backward is not implemented yet: CUDA inputs that require grad
-    (with grad mode on) raise RuntimeError.
+    dtype; it is differentiable.
+
+    Gradients: on CUDA, autograd runs the hand-written FlashAttention-2 backward (out and lse are both
+    differentiable, so a loss may use the returned lse too). dQ is accumulated with fp32 atomics,
+    whose order varies from run to run (last-bit differences in dq). ``deterministic=True`` makes dq, dk, dv
+    bitwise reproducible: dQ then comes from a separate kernel that recomputes the attention scores (about
+    1.4x the backward FLOPs). dk and dv are always reproducible. The forward is unaffected.
 
     Returns:
         ``out`` (B, Hq, Sq, D) in q's dtype and memory layout, as ``torch.empty_like(q)``: same strides as
@@ -71,6 +77,7 @@ def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -
     Bad arguments raise TypeError / ValueError naming the argument, before any kernel runs.
     """
     scale = validate.validate_attention_args(q, k, v, causal, scale, window, return_lse)
+    validate.check_bool(deterministic, "deterministic")
     algorithm = resolve_algorithm(algorithm)
     B, Hq, Sq, _ = q.shape
     Sk = k.shape[2]
@@ -79,10 +86,14 @@ def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -
     if q.device.type == "cpu":
         ref, lse = attention_reference(q, k, v, scale=scale, window=(left, right), return_lse=True)
         out = torch.empty_like(q).copy_(ref)  # same layout contract as the CUDA op; copy_ is differentiable
-    elif q.numel() == 0 or Sk == 0:
+    elif (q.numel() == 0 or Sk == 0) and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         out = torch.zeros_like(q)  # a row with no key: output 0, lse -inf (and nothing to launch)
         lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device)
     else:
-        run = _ops.fa1_fwd if algorithm == "fa1" else _ops.fwd
-        out, lse = run(q, k, v, scale, left, right)
+        # Empty inputs that need grads come here too: the ops handle them without a launch, and autograd
+        # gets a graph (all-zero gradients).
+        if algorithm == "fa1":
+            out, lse = _ops.fa1_fwd(q, k, v, scale, left, right)
+        else:
+            out, lse = _ops.fwd(q, k, v, scale, left, right, deterministic)
     return (out, lse) if return_lse else out

@@ -170,15 +170,6 @@ def check_cuda_layout(q, k, v, head_dims=None):
             )
 
 
-def check_grad_supported(q, k, v):
-    """No backward kernel yet: refuse rather than silently return outputs with no grad_fn."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise RuntimeError(
-            "q, k or v requires grad, but the flashattn_ext CUDA backward kernel is not built yet (issue 4); "
-            "run the forward under torch.no_grad() / torch.inference_mode(), or detach the inputs"
-        )
-
-
 def validate_attention_args(q, k, v, causal, scale, window, return_lse):
     """All checks for attention(); returns the resolved float softmax scale."""
     check_tensors(q, k, v)
@@ -191,5 +182,4 @@ def validate_attention_args(q, k, v, causal, scale, window, return_lse):
     if cuda:
         check_cuda_runtime(q.device)
         check_cuda_layout(q, k, v)
-        check_grad_supported(q, k, v)
     return scale

@@ -275,8 +275,8 @@ def test_cuda_argument_errors():
         attention(q.float(), k.float(), v.float())
     with pytest.raises(ValueError, match=r"same device: q is on cuda:\d, k is on cpu"):
         attention(q, k.cpu(), v)
-    with pytest.raises(RuntimeError, match="backward"):
-        attention(q.requires_grad_(), k, v)
+    q.requires_grad_()
+    assert attention(q, k, v).grad_fn is not None  # the backward exists (tests/test_bwd_gpu.py)
     with torch.no_grad():
         assert attention(q, k, v).shape == q.shape  # inference with requires_grad inputs is fine
     unsupported = next(d for d in (80, 72, 40, 160) if d not in BUILT_HEAD_DIMS)

@@ -11,11 +11,14 @@ from flashattn_ext.reference import attention_reference
 from flashattn_ext.testing import make_qkv
 
 CONTRACT_SCHEMA = ("flashattn_ext::fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, "
-                   "int window_right) -> (Tensor, Tensor)")
+                   "int window_right, bool deterministic=False) -> (Tensor, Tensor)")
+BWD_SCHEMA = ("flashattn_ext::bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
+              "int window_left, int window_right, bool deterministic, Tensor? dlse=None) -> (Tensor, Tensor, Tensor)")
 
 
 def test_public_names():
-    assert set(flashattn_ext.__all__) == {"attention", "build_info", "reference", "resolve_algorithm", "__version__"}
+    assert set(flashattn_ext.__all__) == {"attention", "build_info", "reference", "resolve_algorithm", "reset_sdpa_stats",
+                                         "sdpa", "sdpa_stats", "sdpa_strict", "__version__"}
     assert callable(flashattn_ext.attention)
     assert flashattn_ext.reference.attention_reference is attention_reference
 
@@ -41,6 +44,17 @@ def test_build_info_shape():
 @pytest.mark.requires_ext
 def test_op_schema_is_the_contract():
     assert str(torch.ops.flashattn_ext.fwd.default._schema) == CONTRACT_SCHEMA
+    assert str(torch.ops.flashattn_ext.bwd.default._schema) == BWD_SCHEMA
+
+
+@pytest.mark.requires_ext
+def test_meta_backward_uses_fake_impls():
+    # Autograd is registered on the fwd op: a meta forward + backward runs both fake impls.
+    q, k, v = (t.to("meta").requires_grad_() for t in make_qkv(2, 8, 2, 33, 50, 64, torch.bfloat16, layout="bshd"))
+    out, lse = torch.ops.flashattn_ext.fwd(q, k, v, 0.125, -1, 0, True)
+    dq, dk, dv = torch.autograd.grad((out, lse), (q, k, v), (torch.empty_like(out), torch.empty_like(lse)))
+    for g, t in zip((dq, dk, dv), (q, k, v)):
+        assert g.device.type == "meta" and g.shape == t.shape and g.dtype == t.dtype
 
 
 @pytest.mark.requires_ext

@@ -14,7 +14,8 @@ template <typename T, int kHeadDim>
 void run_fa2_fwd(const FwdParams& params, cudaStream_t stream);
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       double scale, int64_t window_left, int64_t window_right) {
+                                       double scale, int64_t window_left, int64_t window_right,
+                                       bool /*deterministic: used by the backward only*/) {
   check_qkv(q, k, v);
   TORCH_CHECK(std::isfinite(scale) && scale > 0, "flashattn_ext: scale must be a positive finite number");
   TORCH_CHECK(window_left >= -1 && window_right >= -1, "flashattn_ext: window entries must be >= -1");

@@ -29,6 +29,19 @@ struct WindowMask {
     return e < seqlen_k ? e : seqlen_k;
   }
 
+  // Query range [begin, end) whose rows may see some key in [col0, col1) (col1 <= seqlen_k); the mirror of
+  // key_begin/key_end, used by the backward, which loops over queries for a fixed key tile.
+  __host__ __device__ __forceinline__ int query_begin(int col0) const {
+    if (right < 0) return 0;
+    const int b = col0 - right - (seqlen_k - seqlen_q);  // first row with p + right >= col0
+    return b > 0 ? b : 0;
+  }
+  __host__ __device__ __forceinline__ int query_end(int col1) const {
+    if (left < 0) return seqlen_q;
+    const int e = col1 + left - (seqlen_k - seqlen_q);  // one past the last row with p - left <= col1 - 1
+    return e < seqlen_q ? e : seqlen_q;
+  }
+
   // True when every row in [row0, row1) sees every key in [col0, col1): the tile needs no masking.
   __host__ __device__ __forceinline__ bool tile_fully_visible(int row0, int row1, int col0, int col1) const {
     if (col1 > seqlen_k) return false;

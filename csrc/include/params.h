@@ -35,4 +35,94 @@ struct Fa1FwdParams : FwdParams {
   float* __restrict__ l;      // (batch, heads_q, seqlen_q) contiguous, running sum of exp2(score - m)
 };
 
+// Backward. Inherits q/k/v, o (the forward output, read here), lse (saved by the forward), scale and window.
+struct BwdParams : FwdParams {
+  const void* __restrict__ dout;  // dO, same shape as o, any strides (multiples of 8 elements, last dim contiguous)
+  int64_t do_batch_stride, do_head_stride, do_row_stride;
+  void* __restrict__ dq;
+  void* __restrict__ dk;
+  void* __restrict__ dv;
+  int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
+  int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
+  int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
+  const float* __restrict__ dlse;  // optional gradient of lse, (batch, heads_q, seqlen_q) contiguous; may be null
+  // Written by the preprocess kernel, (batch, heads_q, seqlen_q_rounded) contiguous; rows past seqlen_q are
+  // padding (delta 0, lse_log2 +inf) so the main kernels load whole tiles without bounds checks.
+  float* __restrict__ dsoftmax_sum;  // Delta_i = rowsum(dO_i * O_i) - dlse_i
+  float* __restrict__ lse_log2;      // lse * log2(e); +inf for rows that see no key, so P = exp2(s - lse) = 0
+  float* __restrict__ dq_accum;      // (batch, heads_q, seqlen_q_rounded, head_dim) fp32, unscaled dQ; null if
+                                     // deterministic
+  int seqlen_q_rounded;              // multiple of kBwdSeqRound
+  bool deterministic;
+};
+
+// Padding of the per-row backward buffers: a multiple of every backward kernel's query tile.
+constexpr int kBwdSeqRound = 128;
+
+// FlashAttention-1 backward (Algorithm 4). Inherits q/k/v, o (forward output, read for D_i = rowsum(dO * O)),
+// lse (saved by the forward, natural log), scale and window. No padded buffers: every row buffer is seqlen_q long.
+struct Fa1BwdParams : FwdParams {
+  const void* __restrict__ dout;  // dO, o's shape, any strides (multiples of 8 elements, last dim contiguous)
+  int64_t do_batch_stride, do_head_stride, do_row_stride;
+  const float* __restrict__ dlse;  // optional gradient of lse, (batch, heads_q, seqlen_q) contiguous; may be null
+  void* __restrict__ dq;
+  void* __restrict__ dk;  // written directly when dk_accum is null (no GQA)
+  void* __restrict__ dv;
+  int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
+  int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
+  int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
+  float* __restrict__ dq_accum;  // (batch, heads_q, seqlen_q, head_dim) fp32: unscaled dQ between K/V tiles
+  // GQA only (else null): (batch, heads_kv, seqlen_k, head_dim) fp32, zeroed; each query head's block adds its
+  // scaled dK / dV here with atomics, the host op converts to dk / dv.
+  float* __restrict__ dk_accum;
+  float* __restrict__ dv_accum;
+};
+
+// Attention against a KV cache (csrc/decode: decode and chunked prefill). The cache is either paged, k_cache
+// (num_pages, page_size, Hkv, D) with block_table (batch, max_pages) int32, or contiguous (batch, Hkv, S_max, D),
+// which the launcher describes as one page of S_max rows per batch entry and block_table = null. Key position
+// pos of batch b lives in page block_table[b][pos / page_size] (page b when contiguous), row pos % page_size.
+struct KvCacheParams {
+  const void* __restrict__ q;  // (batch, heads_q, seqlen_q, D)
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  void* k_cache;  // written by the append kernel, then read by the attention kernel (separate launches)
+  void* v_cache;
+  int64_t k_page_stride, k_row_stride, k_head_stride;
+  int64_t v_page_stride, v_row_stride, v_head_stride;
+  const int* __restrict__ block_table;  // null: contiguous cache
+  int64_t block_table_stride;           // elements between batch rows of block_table
+  int num_pages, page_size, max_pages;  // capacity per sequence = max_pages * page_size
+  const int* __restrict__ cache_seqlens;  // (batch,) tokens in the cache before this call; read on the device only
+  const void* __restrict__ k_new;  // (batch, heads_kv, seqlen_new, D) appended at cache_seqlens[b]; null: none
+  const void* __restrict__ v_new;
+  int64_t kn_batch_stride, kn_head_stride, kn_row_stride;
+  int64_t vn_batch_stride, vn_head_stride, vn_row_stride;
+  int seqlen_new;  // keys seen by batch b: cache_seqlens[b] + seqlen_new (seqlen_new = 0 without k_new)
+  int batch, heads_q, heads_kv, head_group, seqlen_q, head_dim;
+  void* __restrict__ o;      // (batch, heads_q, seqlen_q, D), q's dtype
+  float* __restrict__ lse;   // (batch, heads_q, seqlen_q) contiguous, natural log
+  int64_t o_batch_stride, o_head_stride, o_row_stride;
+  // Split-KV partials, fp32: o normalised per split, lse natural log (-inf for a split that saw no key).
+  float* __restrict__ ws_o;    // (num_splits, batch, heads_q, seqlen_q, D) contiguous
+  float* __restrict__ ws_lse;  // (num_splits, batch, heads_q, seqlen_q) contiguous
+  int num_splits;    // 1: the attention kernel writes o and lse directly, no combine
+  int num_m_blocks;  // blocks of packed (query row, head in group) rows per (batch, kv head)
+  float scale, scale_log2;
+  int window_left, window_right;  // as FwdParams, around p = i + seqlen_k - seqlen_q (seqlen_k per batch)
+};
+
+// merge_states: two partial attention results over disjoint key sets -> the result over their union.
+// o_a, o_b (batch, heads, seqlen, head_dim) any strides, one dtype; lse (batch, heads, seqlen) fp32 natural log,
+// any strides; outputs contiguous (o in the inputs' dtype).
+struct MergeStatesParams {
+  const void* __restrict__ o_a;
+  const void* __restrict__ o_b;
+  const float* __restrict__ lse_a;
+  const float* __restrict__ lse_b;
+  void* __restrict__ o;
+  float* __restrict__ lse;
+  int64_t oa_stride[4], ob_stride[4], la_stride[3], lb_stride[3];
+  int batch, heads, seqlen, head_dim;
+};
+
 }  // namespace fae

@@ -22,4 +22,22 @@ constexpr TileShape fa2_fwd_tile(int head_dim) {
                          : TileShape{128, 64, 8};
 }
 
+// Backward tiles. dK/dV kernel: block_n keys per block, block_m queries per inner step; warps split the keys,
+// d_split warps share a key slice and split D (the dK/dV accumulators, 2 * keys * D / threads floats, must fit).
+// Deterministic dQ kernel: dq_block_m queries per block (dq_warps warps, 16 rows each), dq_block_n keys per step.
+struct BwdTileShape {
+  int block_m, block_n, warps, d_split;
+  int dq_block_m, dq_block_n, dq_warps;
+};
+
+constexpr BwdTileShape fa2_bwd_tile(int head_dim) {
+#ifdef FAE_BWD_TILE_D  // tuning: -DFAE_BWD_TILE_D=128 -DFAE_BWD_TILE_M=.. -DFAE_BWD_TILE_N=.. -DFAE_BWD_TILE_W=..
+  if (head_dim == FAE_BWD_TILE_D) return BwdTileShape{FAE_BWD_TILE_M, FAE_BWD_TILE_N, FAE_BWD_TILE_W, 1, 64, 64, 4};
+#endif
+  // 16 keys per warp keeps dK + dV at D floats per thread; D = 256 splits D over 2 warps (recomputing S and dP
+  // in both) and halves the query step so Q/dO double buffers fit the 163 KB of sm80 shared memory.
+  return head_dim <= 128 ? BwdTileShape{64, 128, 8, 1, 64, 64, 4}
+                         : BwdTileShape{32, 64, 8, 2, 64, 16, 4};
+}
+
 }  // namespace fae
