@@ -3,5 +3,9 @@ from . import reference
 from ._ops import build_info
 from ._version import __version__
 from .api import attention, resolve_algorithm
+from .sdpa import reset_sdpa_stats, sdpa, sdpa_stats, sdpa_strict
 
-__all__ = ["attention", "build_info", "reference", "resolve_algorithm", "__version__"]
+__all__ = [
+    "attention", "build_info", "reference", "resolve_algorithm", "reset_sdpa_stats", "sdpa", "sdpa_stats",
+    "sdpa_strict", "__version__",
+]
