@@ -23,7 +23,7 @@ for step in $STEPS; do
     sanitize) bash bench/sanitize.sh 2>&1 | tee "$OUT/sanitize.log" || status=1 ;;
     fuzzslow) python3 -m pytest -q -m slow tests/test_fuzz.py 2>&1 | tail -5 | tee "$OUT/fuzz_slow.log" || status=1 ;;
     benchbwd) python3 bench/bench_bwd.py --out "$OUT" 2>&1 | tee "$OUT/bench_bwd.log" || status=1 ;;
-    bench) python3 bench/bench_fwd.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
+    bench) python3 bench/bench_fwd.py --algorithms ${ALGOS:-fa2} --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
   echo "=== $step took $(( $(date +%s) - start )) s"

@@ -18,7 +18,8 @@ BWD_SCHEMA = ("flashattn_ext::bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Ten
 
 def test_public_names():
     assert set(flashattn_ext.__all__) == {"attention", "build_info", "reference", "resolve_algorithm", "reset_sdpa_stats",
-                                         "sdpa", "sdpa_stats", "sdpa_strict", "__version__"}
+                                         "sdpa", "sdpa_stats", "sdpa_strict", "__version__",
+                                         "PagedKVCache", "DecodeWorkspace", "attention_with_kvcache", "merge_states"}
     assert callable(flashattn_ext.attention)
     assert flashattn_ext.reference.attention_reference is attention_reference
 

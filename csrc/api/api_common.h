@@ -1,6 +1,7 @@
 // Shared checks and params filling for the C++ op entry points.
 #pragma once
 #include <ATen/ATen.h>
+#include <cuda_runtime_api.h>
 #include <limits>
 #include "../include/params.h"
 
@@ -20,6 +21,14 @@ inline void check_attn_tensor(const at::Tensor& t, const char* name) {
                 ") must be a multiple of 8 elements");
 }
 
+// The kernels use sm80 instructions (cp.async, bf16 mma). validate.py raises first in eager mode; this check
+// also covers calls traced by torch.compile, where that Python check is skipped.
+inline void check_device_arch(const at::Tensor& t) {
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device());
+  TORCH_CHECK(major >= 8, "flashattn_ext: needs a GPU of compute capability 8.0 or newer, got ", major, ".x");
+}
+
 inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_attn_tensor(q, "q");
   check_attn_tensor(k, "k");
@@ -32,6 +41,7 @@ inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   TORCH_CHECK(k.size(3) == q.size(3), "flashattn_ext: k head_dim ", k.size(3), " != q head_dim ", q.size(3));
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "flashattn_ext: q heads ", q.size(1),
               " must be a multiple of k/v heads ", k.size(1));
+  check_device_arch(q);
   const int64_t int_max = std::numeric_limits<int>::max();
   TORCH_CHECK(q.size(2) < int_max && k.size(2) < int_max && q.size(0) * q.size(1) < int_max,
               "flashattn_ext: sizes exceed the 32-bit index range");

@@ -19,7 +19,7 @@ constexpr TileShape fa2_fwd_tile(int head_dim) {
   return head_dim <= 32 ? TileShape{128, 128, 4}
        : head_dim <= 64 ? TileShape{128, 64, 4}
        : head_dim <= 128 ? TileShape{128, 32, 4}
-                         : TileShape{128, 64, 8};
+                         : TileShape{128, 32, 8};  // D=256: 64-key tiles would need 202 KB of shared memory
 }
 
 // Backward tiles. dK/dV kernel: block_n keys per block, block_m queries per inner step; warps split the keys,

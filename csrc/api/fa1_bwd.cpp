@@ -1,0 +1,134 @@
+// flashattn_ext::fa1_bwd: gradients of flashattn_ext::fa1_fwd by the FlashAttention-1 backward (Algorithm 4).
+// Registered here (TORCH_LIBRARY_FRAGMENT) so bindings.cpp stays untouched; autograd in flashattn_ext/_ops_fa1.py.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <cmath>
+#include <optional>
+#include "../include/params.h"
+#include "../include/switch.h"
+#include "api_common.h"
+
+namespace fae {
+
+template <typename T, int kHeadDim>
+void run_fa1_bwd(const Fa1BwdParams& params, cudaStream_t stream);
+
+namespace {
+
+// dO arrives from autograd with whatever strides the next op produced. The kernel takes any strides the forward
+// accepts; anything else (strided last dim, strides not multiples of 8, misaligned view) is copied, only then.
+at::Tensor fa1_kernel_layout(const at::Tensor& t) {
+  bool ok = t.stride(3) == 1 || t.size(3) == 1;
+  for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 8 == 0);
+  ok = ok && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  if (ok) return t;
+  return t.is_contiguous() ? t.clone() : t.contiguous();  // contiguous but misaligned needs a real copy
+}
+
+void fa1_check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "flashattn_ext: ", name, " must be on q's device");
+  TORCH_CHECK(t.sizes() == q.sizes(), "flashattn_ext: ", name, " shape ", t.sizes(), " != q shape ", q.sizes());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "flashattn_ext: ", name, " dtype must equal q's");
+}
+
+// (batch, heads_q, seqlen_q) fp32 contiguous, as the kernel indexes it.
+at::Tensor fa1_row_tensor(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "flashattn_ext: ", name, " must be on q's device");
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(2) == q.size(2),
+              "flashattn_ext: ", name, " must have shape (batch, heads_q, seqlen_q), got ", t.sizes());
+  return t.to(at::kFloat).contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fa1_bwd(const at::Tensor& dout_in, const at::Tensor& q,
+                                                       const at::Tensor& k, const at::Tensor& v,
+                                                       const at::Tensor& out_in, const at::Tensor& lse_in,
+                                                       double scale, int64_t window_left, int64_t window_right,
+                                                       const std::optional<at::Tensor>& dlse_in) {
+  check_qkv(q, k, v);
+  fa1_check_like_q(dout_in, q, "dout");
+  fa1_check_like_q(out_in, q, "out");
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "flashattn_ext: scale must be a positive finite number");
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "flashattn_ext: window entries must be >= -1");
+  const c10::cuda::CUDAGuard guard(q.device());
+
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Sk = k.size(2);
+  if (q.numel() == 0 || k.numel() == 0) {  // no query rows or no keys: every gradient is zero (or empty)
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  const at::Tensor dout = fa1_kernel_layout(dout_in), out = fa1_kernel_layout(out_in);
+  const at::Tensor lse = fa1_row_tensor(lse_in, q, "lse");
+  at::Tensor dlse;
+  if (dlse_in.has_value() && dlse_in->defined()) dlse = fa1_row_tensor(*dlse_in, q, "dlse");
+
+  const auto f32 = q.options().dtype(at::kFloat);
+  // FA1's dQ round trip between K/V tiles; never read before the kernel writes it, so no memset.
+  at::Tensor dq_accum = at::empty({B, Hq, Sq, D}, f32);
+  // GQA: the group's query heads (separate blocks) add their dK/dV into zeroed fp32 buffers.
+  const bool gqa = Hq != Hkv;
+  at::Tensor dk_accum, dv_accum;
+  if (gqa) {
+    dk_accum = at::zeros({B, Hkv, Sk, D}, f32);
+    dv_accum = at::zeros({B, Hkv, Sk, D}, f32);
+  }
+
+  Fa1BwdParams p{};
+  fill_qkv_params(p, q, k, v);
+  p.o = const_cast<void*>(out.data_ptr());
+  p.o_batch_stride = out.stride(0);
+  p.o_head_stride = out.stride(1);
+  p.o_row_stride = out.stride(2);
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * M_LOG2E);
+  p.window_left = static_cast<int>(std::min<int64_t>(window_left, Sk + Sq));
+  p.window_right = static_cast<int>(std::min<int64_t>(window_right, Sk + Sq));
+  p.dout = dout.data_ptr();
+  p.do_batch_stride = dout.stride(0);
+  p.do_head_stride = dout.stride(1);
+  p.do_row_stride = dout.stride(2);
+  p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_batch_stride = dq.stride(0);
+  p.dq_head_stride = dq.stride(1);
+  p.dq_row_stride = dq.stride(2);
+  p.dk_batch_stride = dk.stride(0);
+  p.dk_head_stride = dk.stride(1);
+  p.dk_row_stride = dk.stride(2);
+  p.dv_batch_stride = dv.stride(0);
+  p.dv_head_stride = dv.stride(1);
+  p.dv_row_stride = dv.stride(2);
+  p.dq_accum = dq_accum.data_ptr<float>();
+  p.dk_accum = gqa ? dk_accum.data_ptr<float>() : nullptr;
+  p.dv_accum = gqa ? dv_accum.data_ptr<float>() : nullptr;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  FAE_DTYPE_SWITCH(q.scalar_type(), T, [&] {
+    FAE_HEADDIM_SWITCH(static_cast<int>(D), kHeadDim, [&] { run_fa1_bwd<T, kHeadDim>(p, stream); });
+  });
+  if (gqa) {  // already scaled by the kernel; copy_ converts to the dtype and k's / v's layout
+    dk.copy_(dk_accum);
+    dv.copy_(dv_accum);
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace fae
+
+TORCH_LIBRARY_FRAGMENT(flashattn_ext, m) {
+  m.def(
+      "fa1_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, int window_left, "
+      "int window_right, Tensor? dlse=None) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(flashattn_ext, CUDA, m) { m.impl("fa1_bwd", &fae::fa1_bwd); }

@@ -1,0 +1,292 @@
+// flashattn_ext::kvcache_fwd (attention against a paged or contiguous KV cache, with optional append of new
+// tokens) and flashattn_ext::merge_states. Registered here (TORCH_LIBRARY_FRAGMENT) so bindings.cpp stays
+// untouched. Python's flashattn_ext/kvcache.py validates arguments (and, when not capturing a CUDA graph, the
+// values of cache_seqlens and block_table) first; these checks are the last line of defence and never read
+// device memory, so the op can be captured in a CUDA graph.
+//
+// Only head dims 64 and 128 are instantiated for decode (csrc/instantiations/decode_*); with neither in the
+// build, the ops are not defined and Python falls back / raises.
+#if !(defined(FAE_NO_HDIM64) && defined(FAE_NO_HDIM128))
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <cuda_runtime_api.h>
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <type_traits>
+#include <vector>
+#include "../include/params.h"
+#include "../include/switch.h"
+#include "api_common.h"
+
+namespace fae {
+
+template <typename T, int kHeadDim>
+void run_kvcache_fwd(const KvCacheParams& params, cudaStream_t stream);
+template <typename T, int kHeadDim>
+int decode_blocks_per_sm();
+template <typename T>
+void run_merge_states(const MergeStatesParams& params, cudaStream_t stream);
+
+namespace {
+
+constexpr int kDecodeBlockM = 16;     // DecodeTraits::kBlockM: packed (query row, group head) rows per block
+constexpr int64_t kMaxSplits = 256;   // explicit num_splits limit
+constexpr int64_t kAutoMaxSplits = 64;
+
+template <typename F>
+void decode_hdim_switch(int64_t D, F&& f) {
+#ifndef FAE_NO_HDIM64
+  if (D == 64) return f(std::integral_constant<int, 64>{});
+#endif
+#ifndef FAE_NO_HDIM128
+  if (D == 128) return f(std::integral_constant<int, 128>{});
+#endif
+  TORCH_CHECK(false, "flashattn_ext: attention_with_kvcache supports head dims 64 and 128 (as compiled into this "
+              "build), got ", D);
+}
+
+// Split count for num_splits = 0, from shapes only (the real lengths live on the device). FlashAttention's
+// rule: no split when the blocks already fill most of a wave; otherwise the smallest split count whose wave
+// efficiency (blocks / whole waves of resident blocks) is within 85% of the best, capped at 64 splits, one
+// split per 256 keys of capacity, and one wave.
+int64_t auto_num_splits(int64_t base_blocks, int64_t capacity, int64_t wave) {
+  if (base_blocks <= 0 || capacity <= 256) return 1;
+  if (static_cast<double>(base_blocks) >= 0.8 * static_cast<double>(wave)) return 1;
+  const int64_t max_splits = std::min({kAutoMaxSplits, (capacity + 255) / 256, wave});
+  std::vector<double> eff(max_splits + 1, 0.0);
+  double best = 0.0;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const double waves = static_cast<double>(base_blocks * s) / static_cast<double>(wave);
+    eff[s] = waves / std::ceil(waves);
+    best = std::max(best, eff[s]);
+  }
+  for (int64_t s = 1; s <= max_splits; ++s)
+    if (eff[s] >= 0.85 * best) return s;
+  return 1;
+}
+
+void check_same(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "flashattn_ext: ", name, " dtype ", t.scalar_type(),
+              " must equal q's ", q.scalar_type());
+  TORCH_CHECK(t.device() == q.device(), "flashattn_ext: ", name, " must be on q's device");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache,
+                                               const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                               const std::optional<at::Tensor>& block_table,
+                                               const std::optional<at::Tensor>& k_new,
+                                               const std::optional<at::Tensor>& v_new, double scale,
+                                               int64_t window_left, int64_t window_right, int64_t num_splits,
+                                               const std::optional<at::Tensor>& workspace) {
+  check_attn_tensor(q, "q");
+  check_attn_tensor(k_cache, "k_cache");
+  check_attn_tensor(v_cache, "v_cache");
+  check_same(k_cache, q, "k_cache");
+  check_same(v_cache, q, "v_cache");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "flashattn_ext: k_cache and v_cache must have the same shape");
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "flashattn_ext: scale must be a positive finite number");
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "flashattn_ext: window entries must be >= -1");
+  TORCH_CHECK(num_splits >= 0 && num_splits <= kMaxSplits, "flashattn_ext: num_splits must be in [0, ", kMaxSplits,
+              "], got ", num_splits);
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
+  const bool paged = block_table.has_value();
+  const int64_t Hkv = paged ? k_cache.size(2) : k_cache.size(1);
+  TORCH_CHECK(k_cache.size(3) == D, "flashattn_ext: k_cache head dim ", k_cache.size(3), " != q head dim ", D);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "flashattn_ext: q heads ", Hq, " must be a multiple of cache kv heads ", Hkv);
+  TORCH_CHECK(cache_seqlens.is_cuda() && cache_seqlens.device() == q.device() &&
+                  cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
+                  (B <= 1 || cache_seqlens.stride(0) == 1),
+              "flashattn_ext: cache_seqlens must be a contiguous int32 (batch,) tensor on q's device");
+  int64_t num_pages, page_size, max_pages;
+  if (paged) {
+    const at::Tensor& bt = *block_table;
+    TORCH_CHECK(bt.is_cuda() && bt.device() == q.device() && bt.scalar_type() == at::kInt && bt.dim() == 2 &&
+                    bt.size(0) == B && (bt.size(1) <= 1 || bt.stride(1) == 1),
+                "flashattn_ext: block_table must be an int32 (batch, max_pages) tensor on q's device with a "
+                "contiguous last dim");
+    num_pages = k_cache.size(0);
+    page_size = k_cache.size(1);
+    max_pages = bt.size(1);
+    TORCH_CHECK(page_size > 0, "flashattn_ext: page_size must be >= 1");
+  } else {
+    TORCH_CHECK(k_cache.size(0) == B, "flashattn_ext: contiguous k_cache batch ", k_cache.size(0), " != q batch ", B);
+    num_pages = B;
+    page_size = std::max<int64_t>(k_cache.size(2), 1);
+    max_pages = k_cache.size(2) > 0 ? 1 : 0;
+  }
+  const int64_t int_max = std::numeric_limits<int>::max();
+  TORCH_CHECK(max_pages * page_size < int_max && num_pages < int_max && Sq * Hq < int_max && B * Hq < int_max,
+              "flashattn_ext: sizes exceed the 32-bit index range");
+  TORCH_CHECK(k_new.has_value() == v_new.has_value(), "flashattn_ext: k_new and v_new must be given together");
+  int64_t seqlen_new = 0;
+  if (k_new.has_value()) {
+    check_attn_tensor(*k_new, "k_new");
+    check_attn_tensor(*v_new, "v_new");
+    check_same(*k_new, q, "k_new");
+    check_same(*v_new, q, "v_new");
+    const std::vector<int64_t> want{B, Hkv, Sq, D};
+    TORCH_CHECK(k_new->sizes() == at::IntArrayRef(want) && v_new->sizes() == at::IntArrayRef(want),
+                "flashattn_ext: k_new and v_new must be (batch, kv heads, q seqlen, head_dim) = ", at::IntArrayRef(want));
+    seqlen_new = Sq;
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  at::Tensor out = at::empty_like(q);  // q's layout when q is dense, else contiguous
+  at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
+
+  KvCacheParams p{};
+  p.q = q.data_ptr();
+  p.q_batch_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.q_row_stride = q.stride(2);
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  if (paged) {  // (num_pages, page_size, Hkv, D)
+    p.k_page_stride = k_cache.stride(0), p.k_row_stride = k_cache.stride(1), p.k_head_stride = k_cache.stride(2);
+    p.v_page_stride = v_cache.stride(0), p.v_row_stride = v_cache.stride(1), p.v_head_stride = v_cache.stride(2);
+    p.block_table = block_table->data_ptr<int>();
+    p.block_table_stride = block_table->stride(0);
+  } else {  // (B, Hkv, S_max, D): page b of S_max rows
+    p.k_page_stride = k_cache.stride(0), p.k_row_stride = k_cache.stride(2), p.k_head_stride = k_cache.stride(1);
+    p.v_page_stride = v_cache.stride(0), p.v_row_stride = v_cache.stride(2), p.v_head_stride = v_cache.stride(1);
+    p.block_table = nullptr;
+    p.block_table_stride = 0;
+  }
+  p.num_pages = static_cast<int>(num_pages);
+  p.page_size = static_cast<int>(page_size);
+  p.max_pages = static_cast<int>(max_pages);
+  p.cache_seqlens = cache_seqlens.data_ptr<int>();
+  if (k_new.has_value()) {
+    p.k_new = k_new->data_ptr();
+    p.v_new = v_new->data_ptr();
+    p.kn_batch_stride = k_new->stride(0), p.kn_head_stride = k_new->stride(1), p.kn_row_stride = k_new->stride(2);
+    p.vn_batch_stride = v_new->stride(0), p.vn_head_stride = v_new->stride(1), p.vn_row_stride = v_new->stride(2);
+  }
+  p.seqlen_new = static_cast<int>(seqlen_new);
+  p.batch = static_cast<int>(B);
+  p.heads_q = static_cast<int>(Hq);
+  p.heads_kv = static_cast<int>(Hkv);
+  p.head_group = static_cast<int>(Hq / Hkv);
+  p.seqlen_q = static_cast<int>(Sq);
+  p.head_dim = static_cast<int>(D);
+  p.o = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.o_batch_stride = out.stride(0);
+  p.o_head_stride = out.stride(1);
+  p.o_row_stride = out.stride(2);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * M_LOG2E);
+  constexpr int64_t kWindowCap = int64_t(1) << 30;  // masks nothing beyond any int32 position
+  p.window_left = static_cast<int>(std::min(window_left, kWindowCap));
+  p.window_right = static_cast<int>(std::min(window_right, kWindowCap));
+  p.num_m_blocks = static_cast<int>((Sq * (Hq / Hkv) + kDecodeBlockM - 1) / kDecodeBlockM);
+
+  FAE_DTYPE_SWITCH(q.scalar_type(), T, [&] {
+    decode_hdim_switch(D, [&](auto hdim) {
+      constexpr int kHeadDim = decltype(hdim)::value;
+      const int64_t rows = B * Hq * Sq;
+      int64_t splits = 1;
+      if (rows > 0) {
+        const int64_t base_blocks = static_cast<int64_t>(p.num_m_blocks) * B * Hkv;
+        if (num_splits > 0) {
+          splits = num_splits;
+        } else {
+          int sms = 0;  // a host-side attribute query: no sync, capture-safe
+          C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()));
+          splits = auto_num_splits(base_blocks, max_pages * page_size,
+                                   int64_t(sms) * decode_blocks_per_sm<T, kHeadDim>());
+        }
+      }
+      at::Tensor ws;
+      if (splits > 1) {
+        const int64_t per_split = rows * (D + 1);  // o (D floats) + lse per row
+        if (workspace.has_value()) {
+          ws = *workspace;
+          TORCH_CHECK(ws.is_cuda() && ws.device() == q.device() && ws.scalar_type() == at::kFloat &&
+                          ws.is_contiguous() && reinterpret_cast<uintptr_t>(ws.data_ptr()) % 16 == 0,
+                      "flashattn_ext: workspace must be a contiguous, 16-byte aligned float32 tensor on q's device");
+          const int64_t fit = ws.numel() / per_split;
+          if (num_splits > 0)
+            TORCH_CHECK(fit >= splits, "flashattn_ext: workspace has ", ws.numel(), " floats; num_splits=", splits,
+                        " needs ", splits * per_split);
+          splits = std::min(splits, fit);  // auto: as many splits as the workspace holds
+        }
+        if (splits > 1 && !ws.defined()) ws = at::empty({splits * per_split}, q.options().dtype(at::kFloat));
+      }
+      p.num_splits = static_cast<int>(std::max<int64_t>(splits, 1));
+      if (p.num_splits > 1) {
+        p.ws_o = ws.data_ptr<float>();
+        p.ws_lse = p.ws_o + p.num_splits * rows * D;
+      }
+      if (rows == 0) p.num_m_blocks = 0;  // nothing to attend; the append (if any) still runs
+      run_kvcache_fwd<T, kHeadDim>(p, stream);
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_states(const at::Tensor& o_a, const at::Tensor& lse_a, const at::Tensor& o_b,
+                                                const at::Tensor& lse_b) {
+  for (const at::Tensor* t : {&o_a, &lse_a, &o_b, &lse_b})
+    TORCH_CHECK(t->is_cuda() && t->device() == o_a.device(), "flashattn_ext: merge_states inputs must be CUDA "
+                "tensors on one device");
+  TORCH_CHECK(o_a.dim() == 4 && o_a.sizes() == o_b.sizes(), "flashattn_ext: o_a and o_b must be (batch, heads, "
+              "seqlen, head_dim) of one shape");
+  TORCH_CHECK(o_a.scalar_type() == o_b.scalar_type(), "flashattn_ext: o_a and o_b must have one dtype");
+  const int64_t B = o_a.size(0), H = o_a.size(1), S = o_a.size(2), D = o_a.size(3);
+  const std::vector<int64_t> lse_shape{B, H, S};
+  TORCH_CHECK(lse_a.sizes() == at::IntArrayRef(lse_shape) && lse_b.sizes() == at::IntArrayRef(lse_shape) &&
+                  lse_a.scalar_type() == at::kFloat && lse_b.scalar_type() == at::kFloat,
+              "flashattn_ext: lse_a and lse_b must be float32 (batch, heads, seqlen)");
+  TORCH_CHECK(B * H * S < std::numeric_limits<int>::max() && D < std::numeric_limits<int>::max(),
+              "flashattn_ext: merge_states sizes exceed the 32-bit index range");
+  const c10::cuda::CUDAGuard guard(o_a.device());
+  at::Tensor o = at::empty(o_a.sizes(), o_a.options());
+  at::Tensor lse = at::empty({B, H, S}, o_a.options().dtype(at::kFloat));
+  MergeStatesParams p{};
+  p.o_a = o_a.data_ptr();
+  p.o_b = o_b.data_ptr();
+  p.lse_a = lse_a.data_ptr<float>();
+  p.lse_b = lse_b.data_ptr<float>();
+  p.o = o.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  for (int d = 0; d < 4; ++d) p.oa_stride[d] = o_a.stride(d), p.ob_stride[d] = o_b.stride(d);
+  for (int d = 0; d < 3; ++d) p.la_stride[d] = lse_a.stride(d), p.lb_stride[d] = lse_b.stride(d);
+  p.batch = static_cast<int>(B);
+  p.heads = static_cast<int>(H);
+  p.seqlen = static_cast<int>(S);
+  p.head_dim = static_cast<int>(D);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  switch (o_a.scalar_type()) {
+    case at::kFloat: run_merge_states<float>(p, stream); break;
+    case at::kHalf: run_merge_states<__half>(p, stream); break;
+    case at::kBFloat16: run_merge_states<__nv_bfloat16>(p, stream); break;
+    default: TORCH_CHECK(false, "flashattn_ext: merge_states supports float32, float16 and bfloat16 on CUDA, got ",
+                         o_a.scalar_type());
+  }
+  return {o, lse};
+}
+
+}  // namespace fae
+
+TORCH_LIBRARY_FRAGMENT(flashattn_ext, m) {
+  // k_cache / v_cache are written (k_new appended at cache_seqlens) and workspace is scratch: both marked mutable.
+  m.def(
+      "kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? block_table, "
+      "Tensor? k_new, Tensor? v_new, float scale, int window_left, int window_right, int num_splits, "
+      "Tensor(c!)? workspace) -> (Tensor, Tensor)");
+  m.def("merge_states(Tensor o_a, Tensor lse_a, Tensor o_b, Tensor lse_b) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(flashattn_ext, CUDA, m) {
+  m.impl("kvcache_fwd", &fae::kvcache_fwd);
+  m.impl("merge_states", &fae::merge_states);
+}
+#endif

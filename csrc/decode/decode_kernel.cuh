@@ -1,0 +1,372 @@
+// Attention against a KV cache: decode (one new token) and chunked prefill (a few), paged or contiguous cache,
+// split-KV. Three kernels, launched in this order on one stream (decode_launch.cuh):
+//
+//   kvcache_append_kernel  copies k_new / v_new into the cache at positions cache_seqlens[b] + i (only when new
+//                          tokens are given). A separate launch, so every attention block sees them written.
+//   decode_split_kernel    one block per (split, batch, kv head, block of 16 packed query rows). GQA packing: the
+//                          block's rows are the (query row, head) pairs of ALL Hq/Hkv query heads of its kv head,
+//                          so each K/V row is loaded once for the whole group. The block walks its split's chunk
+//                          of the keys in 64-key tiles fetched through the block table with 16-byte cp.async into
+//                          a 3-stage shared-memory ring; warp w takes keys [16w, 16w + 16) of each tile, computes
+//                          S = Q K^T and O += P V with mma.sync m16n8k16 and keeps its own SoftmaxState per row.
+//                          At the end the four warps' states are merged with SoftmaxState::merge (fixed order),
+//                          then written as the final (o, lse) when num_splits == 1, else as an fp32 partial.
+//   decode_combine_kernel  merges the num_splits partials of each row in split order (SoftmaxState::merge:
+//                          deterministic), writes o in q's dtype and lse.
+//
+// The number of keys of batch b, cache_seqlens[b] + seqlen_new, is read on the device: no host sync, so a
+// decode step can be captured in a CUDA graph and replayed with new lengths. Keys past it (and positions whose
+// page entry is out of range, which validation rejects before the launch when not capturing) are zero-filled
+// and masked, never read.
+#pragma once
+#include <cuda_runtime.h>
+#include "../include/mask.h"
+#include "../include/params.h"
+#include "../include/ptx.h"
+#include "../include/smem_tile.h"
+#include "../include/softmax.h"
+
+namespace fae {
+
+template <typename T_, int kHeadDim_>
+struct DecodeTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockM = 16;               // packed query rows per block: one mma m-tile
+  static constexpr int kWarpN = 16;                // keys per warp per tile
+  static constexpr int kBlockN = kWarps * kWarpN;  // keys per tile
+  static constexpr int kStages = 3;                // tiles in the shared-memory ring (2 in flight while computing)
+  static constexpr int kDTiles = kHeadDim / 8;
+  using QTile = SmemTile<kBlockM, kHeadDim>;
+  using KVTile = SmemTile<kBlockN, kHeadDim>;
+  static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks per row
+  static constexpr int kRowStep = kThreads / kChunksPerRow;
+  static constexpr int kRowsPerThread = kBlockN / kRowStep;  // K/V rows each thread copies per tile
+  // Epilogue: each warp's unnormalised O (fp32) and (m, l) per row, staged over the K/V ring.
+  static constexpr int kOPitch = kHeadDim + 8;
+  static constexpr int kEpilogueBytes = kWarps * kBlockM * kOPitch * 4 + 2 * kWarps * kBlockM * 4;
+  static constexpr int kRingBytes = 2 * kStages * KVTile::kBytes;
+  static constexpr int kSmemBytes = QTile::kBytes + (kRingBytes > kEpilogueBytes ? kRingBytes : kEpilogueBytes);
+  static_assert(kHeadDim % 16 == 0 && kThreads % kChunksPerRow == 0 && kBlockN % kRowStep == 0, "tile shape");
+  static_assert(QTile::kBytes % 16 == 0, "epilogue staging must stay 16-byte aligned");
+};
+
+// Keys seen by batch b: cache_seqlens[b] + seqlen_new, clamped to [0, capacity] so a bad length can never send
+// a load or store outside the cache.
+__device__ __forceinline__ int kvcache_seqlen_k(const KvCacheParams& p, int b) {
+  const int64_t capacity = static_cast<int64_t>(p.max_pages) * p.page_size;
+  int64_t len = static_cast<int64_t>(p.cache_seqlens[b]) + p.seqlen_new;
+  len = len < 0 ? 0 : (len > capacity ? capacity : len);
+  return static_cast<int>(len);
+}
+
+// Physical page of key position pos (0 <= pos < capacity) of batch b, or -1 when the block table entry is out
+// of range. row receives pos % page_size.
+__device__ __forceinline__ int kvcache_page(const KvCacheParams& p, int b, int pos, int& row) {
+  const int lp = pos / p.page_size;
+  row = pos - lp * p.page_size;
+  if (p.block_table == nullptr) return b;
+  const int page = __ldg(p.block_table + b * p.block_table_stride + lp);
+  return (page >= 0 && page < p.num_pages) ? page : -1;
+}
+
+template <typename T, int kHeadDim>
+__global__ void kvcache_append_kernel(const __grid_constant__ KvCacheParams p) {
+  constexpr int kCPR = kHeadDim / 8;
+  const int64_t total = static_cast<int64_t>(p.batch) * p.heads_kv * p.seqlen_new * kCPR;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= total) return;
+  const int c = static_cast<int>(idx % kCPR) * 8;
+  int64_t rest = idx / kCPR;
+  const int i = static_cast<int>(rest % p.seqlen_new);
+  rest /= p.seqlen_new;
+  const int hk = static_cast<int>(rest % p.heads_kv);
+  const int b = static_cast<int>(rest / p.heads_kv);
+  const int64_t pos = static_cast<int64_t>(p.cache_seqlens[b]) + i;
+  if (pos < 0 || pos >= static_cast<int64_t>(p.max_pages) * p.page_size) return;  // validation rejects these
+  int row;
+  const int page = kvcache_page(p, b, static_cast<int>(pos), row);
+  if (page < 0) return;
+  const uint4 kv = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.k_new) + b * p.kn_batch_stride +
+                                                   hk * p.kn_head_stride + i * p.kn_row_stride + c);
+  const uint4 vv = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.v_new) + b * p.vn_batch_stride +
+                                                   hk * p.vn_head_stride + i * p.vn_row_stride + c);
+  *reinterpret_cast<uint4*>(static_cast<T*>(p.k_cache) + page * p.k_page_stride + row * p.k_row_stride +
+                            hk * p.k_head_stride + c) = kv;
+  *reinterpret_cast<uint4*>(static_cast<T*>(p.v_cache) + page * p.v_page_stride + row * p.v_row_stride +
+                            hk * p.v_head_stride + c) = vv;
+}
+
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid_constant__ KvCacheParams p) {
+  using T = typename Tr::T;
+  constexpr int kD = Tr::kHeadDim, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kWarpN = Tr::kWarpN;
+  constexpr int kDT = Tr::kDTiles, kStages = Tr::kStages, kWarps = Tr::kWarps;
+  constexpr int kCPR = Tr::kChunksPerRow;
+  using QTile = typename Tr::QTile;
+  using KVTile = typename Tr::KVTile;
+
+  extern __shared__ __align__(16) char smem[];
+  const uint32_t sQ = smem_addr(smem);
+  const uint32_t sRing = sQ + QTile::kBytes;  // stage s: K at sRing + 2*s*KV, V right after it
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+
+  // Flat grid: split fastest, then m-block, then (batch, kv head).
+  const int split = blockIdx.x % p.num_splits;
+  const int rest = blockIdx.x / p.num_splits;
+  const int m_block = rest % p.num_m_blocks;
+  const int bh = rest / p.num_m_blocks;
+  const int b = bh / p.heads_kv, hk = bh % p.heads_kv;
+  const int group = p.head_group;
+  const int rows = p.seqlen_q * group;  // packed row r = i * group + (h - hk * group)
+  const int mr0 = m_block * kBlockM;
+  const int mr_end = min(mr0 + kBlockM, rows);
+
+  const int seqlen_k = kvcache_seqlen_k(p, b);
+  const WindowMask mask{p.seqlen_q, seqlen_k, p.window_left, p.window_right};
+  const int i_lo = mr0 / group, i_end = (mr_end - 1) / group + 1;  // query rows [i_lo, i_end) of this block
+  const int key_begin = mask.key_begin(i_lo), key_end = mask.key_end(i_end);
+  // This split's tiles: the block's tile range cut into num_splits near-equal contiguous pieces.
+  const int tile_lo = key_begin / kBlockN;
+  const int tile_hi = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : tile_lo;
+  const int per_split = (tile_hi - tile_lo + p.num_splits - 1) / p.num_splits;
+  const int tile_begin = min(tile_lo + split * per_split, tile_hi);
+  const int tile_end = min(tile_begin + per_split, tile_hi);
+  const int n_tiles = tile_end - tile_begin;
+
+  const T* k_base = static_cast<const T*>(p.k_cache) + hk * p.k_head_stride;
+  const T* v_base = static_cast<const T*>(p.v_cache) + hk * p.v_head_stride;
+
+  // K and V rows of tile `tile` into ring stage `stage`; one commit group per tile (possibly empty).
+  auto load_tile = [&](int stage, int tile) {
+    if (tile < tile_end) {
+      const uint32_t sK = sRing + 2 * stage * KVTile::kBytes, sV = sK + KVTile::kBytes;
+      const int r0 = tid / kCPR, c = (tid % kCPR) * 8;
+#pragma unroll
+      for (int it = 0; it < Tr::kRowsPerThread; ++it) {
+        const int r = r0 + it * Tr::kRowStep;
+        const int pos = tile * kBlockN + r;
+        int row = 0, page = -1;
+        if (pos < seqlen_k) page = kvcache_page(p, b, pos, row);
+        const bool valid = page >= 0;
+        const T* ksrc = valid ? k_base + page * p.k_page_stride + row * p.k_row_stride + c : k_base;
+        const T* vsrc = valid ? v_base + page * p.v_page_stride + row * p.v_row_stride + c : v_base;
+        cp_async_16(KVTile::addr(sK, r, c), ksrc, valid);  // invalid rows are zero-filled
+        cp_async_16(KVTile::addr(sV, r, c), vsrc, valid);
+      }
+    }
+    cp_async_commit();
+  };
+
+  // Per thread: O rows (g, g + 8) of the m-tile, for this warp's keys; their softmax states.
+  float acc_o[kDT][4];
+#pragma unroll
+  for (int di = 0; di < kDT; ++di)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[di][e] = 0.f;
+  SoftmaxState state[2];
+  state[0].init();
+  state[1].init();
+  int qi[2];  // query row of packed rows g and g + 8 (past the end for padding rows, which are never written)
+  qi[0] = (mr0 + g) / group;
+  qi[1] = (mr0 + g + 8) / group;
+
+  if (n_tiles > 0) {
+    // Q rows of the block (zero-filled past the end), then the first kStages - 1 tiles.
+    for (int ch = tid; ch < kBlockM * kCPR; ch += Tr::kThreads) {
+      const int rr = ch / kCPR, c = (ch % kCPR) * 8;
+      const int r = mr0 + rr;
+      const bool valid = r < rows;
+      const int i = r / group, h = hk * group + r % group;
+      const T* src = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                     i * p.q_row_stride + c;
+      cp_async_16(QTile::addr(sQ, rr, c), valid ? src : static_cast<const T*>(p.q), valid);
+    }
+    cp_async_commit();
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) load_tile(s, tile_begin + s);
+    cp_async_wait<kStages - 1>();  // the Q group has landed
+    __syncthreads();
+  }
+  // Q stays in registers for the whole key loop: A operands of every k16 step of S = Q K^T.
+  uint32_t qa[kD / 16][4];
+  if (n_tiles > 0) {
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) ldmatrix_x4(qa[kk], QTile::addr(sQ, lane & 15, kk * 16 + (lane >> 4) * 8));
+  }
+
+  int stage = 0;
+  for (int j = 0; j < n_tiles; ++j, stage = stage + 1 == kStages ? 0 : stage + 1) {
+    const int tile = tile_begin + j;
+    cp_async_wait<kStages - 2>();  // tile j has landed (later tiles may still be in flight)
+    // This tile is visible to all warps, and every warp is done with tile j - 1, whose stage is refilled now.
+    __syncthreads();
+    load_tile(stage == 0 ? kStages - 1 : stage - 1, tile + kStages - 1);
+
+    const uint32_t sK = sRing + 2 * stage * KVTile::kBytes, sV = sK + KVTile::kBytes;
+    const int wrow = warp * kWarpN;  // this warp's first key row in the tile
+    float acc_s[2][4];
+#pragma unroll
+    for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_s[ni][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      uint32_t bk[4];  // b0, b1 of key tiles 0 and 1 of this warp's 16 keys
+      ldmatrix_x4(bk, KVTile::addr(sK, wrow + (lane & 7) + ((lane >> 4) << 3), kk * 16 + ((lane >> 3) & 1) * 8));
+      mma_16816<T>(acc_s[0], qa[kk], bk[0], bk[1]);
+      mma_16816<T>(acc_s[1], qa[kk], bk[2], bk[3]);
+    }
+
+    const int c0 = tile * kBlockN + wrow;
+    if (!mask.tile_fully_visible(i_lo, i_end, c0, c0 + kWarpN)) {
+#pragma unroll
+      for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (!mask.visible(qi[e >> 1], c0 + ni * 8 + 2 * t + (e & 1))) acc_s[ni][e] = -INFINITY;
+    }
+
+    // Online softmax in the log2 domain (as the FA2 forward).
+    float factor[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float mx = fmaxf(fmaxf(acc_s[0][2 * half], acc_s[0][2 * half + 1]),
+                       fmaxf(acc_s[1][2 * half], acc_s[1][2 * half + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      SoftmaxState& st = state[half];
+      factor[half] = st.rescale_to(mx * p.scale_log2);
+      const float offset = st.exp_offset();
+      float sum = 0.f;
+#pragma unroll
+      for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          const float pe = exp2_approx(fmaf(acc_s[ni][e], p.scale_log2, -offset));
+          acc_s[ni][e] = pe;
+          sum += pe;
+        }
+      st.l += sum;  // this thread's columns; the quad is summed in the epilogue
+    }
+#pragma unroll
+    for (int di = 0; di < kDT; ++di)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[di][e] *= factor[e >> 1];
+
+    // The S accumulators of the two key tiles are the A operand of one k16 step of P V.
+    uint32_t pf[4];
+    pf[0] = pack2<T>(acc_s[0][0], acc_s[0][1]);
+    pf[1] = pack2<T>(acc_s[0][2], acc_s[0][3]);
+    pf[2] = pack2<T>(acc_s[1][0], acc_s[1][1]);
+    pf[3] = pack2<T>(acc_s[1][2], acc_s[1][3]);
+#pragma unroll
+    for (int dp = 0; dp < kDT / 2; ++dp) {
+      uint32_t bv[4];  // b0, b1 of output column tiles 2dp and 2dp + 1
+      ldmatrix_x4_trans(bv, KVTile::addr(sV, wrow + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 16 + (lane >> 4) * 8));
+      mma_16816<T>(acc_o[2 * dp], pf, bv[0], bv[1]);
+      mma_16816<T>(acc_o[2 * dp + 1], pf, bv[2], bv[3]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is free: reuse it to merge the warps' partial results
+
+  float* sO = reinterpret_cast<float*>(smem + QTile::kBytes);  // [warp][row][kOPitch]
+  float* sM = sO + kWarps * kBlockM * Tr::kOPitch;              // [warp][row]
+  float* sL = sM + kWarps * kBlockM;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    SoftmaxState& st = state[half];
+    st.l += __shfl_xor_sync(0xffffffff, st.l, 1);
+    st.l += __shfl_xor_sync(0xffffffff, st.l, 2);
+    const int rr = g + half * 8;
+    if (t == 0) {
+      sM[warp * kBlockM + rr] = st.m;
+      sL[warp * kBlockM + rr] = st.l;
+    }
+#pragma unroll
+    for (int di = 0; di < kDT; ++di)
+      *reinterpret_cast<float2*>(sO + (warp * kBlockM + rr) * Tr::kOPitch + di * 8 + 2 * t) =
+          make_float2(acc_o[di][2 * half], acc_o[di][2 * half + 1]);
+  }
+  __syncthreads();
+
+  const int64_t total_rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
+  for (int idx = tid; idx < kBlockM * (kD / 4); idx += Tr::kThreads) {
+    const int rr = idx / (kD / 4), c = (idx % (kD / 4)) * 4;
+    const int r = mr0 + rr;
+    if (r >= rows) continue;
+    SoftmaxState st;
+    st.init();
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {  // fixed order: deterministic
+      const SoftmaxState sw{sM[w * kBlockM + rr], sL[w * kBlockM + rr]};
+      float fa, fb;
+      st.merge(sw, fa, fb);
+      const float4 v = *reinterpret_cast<const float4*>(sO + (w * kBlockM + rr) * Tr::kOPitch + c);
+      acc.x = acc.x * fa + v.x * fb;
+      acc.y = acc.y * fa + v.y * fb;
+      acc.z = acc.z * fa + v.z * fb;
+      acc.w = acc.w * fa + v.w * fb;
+    }
+    const float inv = st.inv_sum();
+    const int i = r / group, h = hk * group + r % group;
+    const int64_t out_row = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + i;
+    if (p.num_splits == 1) {
+      T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride + c;
+      uint2 packed;
+      packed.x = pack2<T>(acc.x * inv, acc.y * inv);
+      packed.y = pack2<T>(acc.z * inv, acc.w * inv);
+      *reinterpret_cast<uint2*>(o) = packed;
+      if (c == 0) p.lse[out_row] = st.lse();
+    } else {
+      const int64_t ws_row = split * total_rows + out_row;
+      *reinterpret_cast<float4*>(p.ws_o + ws_row * kD + c) =
+          make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+      if (c == 0) p.ws_lse[ws_row] = st.lse();
+    }
+  }
+}
+
+// Merges the num_splits fp32 partials of each (batch, head, query row): kHeadDim / 4 threads per row, 4 columns
+// each, splits in order.
+template <typename T, int kHeadDim>
+__global__ void decode_combine_kernel(const __grid_constant__ KvCacheParams p) {
+  constexpr int kThreadsPerRow = kHeadDim / 4;
+  constexpr int kRowsPerBlock = 128 / kThreadsPerRow;
+  const int64_t total_rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreadsPerRow;
+  if (row >= total_rows) return;
+  const int c = (threadIdx.x % kThreadsPerRow) * 4;
+  SoftmaxState st;
+  st.init();
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s = 0; s < p.num_splits; ++s) {
+    const int64_t ws_row = s * total_rows + row;
+    float fa, fb;
+    st.merge(SoftmaxState::from_lse(p.ws_lse[ws_row]), fa, fb);
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (fb != 0.f) v = *reinterpret_cast<const float4*>(p.ws_o + ws_row * kHeadDim + c);
+    acc.x = acc.x * fa + v.x * fb;
+    acc.y = acc.y * fa + v.y * fb;
+    acc.z = acc.z * fa + v.z * fb;
+    acc.w = acc.w * fa + v.w * fb;
+  }
+  const float inv = st.inv_sum();
+  const int i = static_cast<int>(row % p.seqlen_q);
+  const int64_t bh = row / p.seqlen_q;
+  const int h = static_cast<int>(bh % p.heads_q), b = static_cast<int>(bh / p.heads_q);
+  T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride + c;
+  uint2 packed;
+  packed.x = pack2<T>(acc.x * inv, acc.y * inv);
+  packed.y = pack2<T>(acc.z * inv, acc.w * inv);
+  *reinterpret_cast<uint2*>(o) = packed;
+  if (c == 0) p.lse[row] = st.lse();
+}
+
+}  // namespace fae
