@@ -27,10 +27,35 @@ def main():
             flashattn_ext.attention(q, k, v, causal=causal, window=window, algorithm=algorithm)
         if has_bwd:
             q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-            out = flashattn_ext.attention(q, k, v, causal=causal, window=window)
+            for algorithm in ("fa2", "fa1"):
+                out = flashattn_ext.attention(q, k, v, causal=causal, window=window, algorithm=algorithm)
+                out.backward(torch.randn_like(out))
+            out = flashattn_ext.attention(q, k, v, causal=causal, window=window, deterministic=True)
             out.backward(torch.randn_like(out))
         torch.cuda.synchronize()
         print("ok", B, Hq, Hkv, Sq, Sk, D, causal, window, tr, "bwd" if has_bwd else "")
+    decode_cases()
+
+
+def decode_cases():
+    """Paged decode with in-kernel append, split-KV + combine, and merge_states."""
+    if not hasattr(torch.ops.flashattn_ext, "kvcache_fwd"):
+        return
+    B, Hq, Hkv, D, page = 2, 8, 2, 128, 16
+    lens = torch.tensor([37, 100], dtype=torch.int32, device="cuda")
+    pages_per_seq = 8
+    k_pages = torch.randn(B * pages_per_seq, page, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v_pages = torch.randn_like(k_pages)
+    table = torch.randperm(B * pages_per_seq, device="cuda").to(torch.int32).view(B, pages_per_seq)
+    q = torch.randn(B, Hq, 3, D, device="cuda", dtype=torch.bfloat16)
+    k_new = torch.randn(B, Hkv, 3, D, device="cuda", dtype=torch.bfloat16)
+    v_new = torch.randn_like(k_new)
+    for splits in (1, 3, 0):
+        o, lse = flashattn_ext.attention_with_kvcache(q, k_pages, v_pages, lens, table, k_new, v_new,
+                                                      num_splits=splits, return_lse=True)
+    o2, lse2 = flashattn_ext.merge_states(o, lse, o, lse)
+    torch.cuda.synchronize()
+    print("ok decode + merge_states")
 
 
 if __name__ == "__main__":

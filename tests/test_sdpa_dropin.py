@@ -199,13 +199,19 @@ def test_gqa_without_enable_gqa_raises_like_torch():
     assert sdpa_stats()["fallback_reasons"] == {"gqa": 1}
 
 
-def test_mask_with_is_causal_raises_like_torch():
+def test_mask_with_is_causal_behaves_like_torch():
+    # torch 2.14 rejects attn_mask together with is_causal; torch 2.11 (the GPU image) accepts it. The drop-in
+    # must do whatever the installed torch does: raise the same error, or give the same result.
     q, k, v = make_qkv(1, 2, 2, 5, 5, 8, torch.float32)
     m = torch.ones(5, 5, dtype=torch.bool)
-    with pytest.raises(RuntimeError):
-        F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True)
-    with pytest.raises(RuntimeError):
-        sdpa(q, k, v, attn_mask=m, is_causal=True)
+    try:
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=True)
+    except RuntimeError as torch_err:
+        with pytest.raises(RuntimeError) as our_err:
+            sdpa(q, k, v, attn_mask=m, is_causal=True)
+        assert str(our_err.value) == str(torch_err)
+    else:
+        torch.testing.assert_close(sdpa(q, k, v, attn_mask=m, is_causal=True), expected)
 
 
 def test_stats_accumulate_and_reset():

@@ -3,13 +3,14 @@
 #include <ATen/ATen.h>
 #include <cuda_runtime_api.h>
 #include <limits>
+#include "../include/error_text.h"
 #include "../include/params.h"
 
 namespace fae {
 
 inline void check_attn_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "flashattn_ext: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.dim() == 4, "flashattn_ext: ", name, " must have 4 dims (batch, heads, seq, head_dim), got ", t.dim());
+  TORCH_CHECK(t.dim() == 4, "flashattn_ext: ", name, " must have 4 dims (batch, heads, seq, head_dim), got ", num(t.dim()));
   TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
               "flashattn_ext: ", name, " must be float16 or bfloat16, got ", t.scalar_type());
   TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) == 1, "flashattn_ext: ", name, " must have a contiguous last dim");
@@ -17,7 +18,7 @@ inline void check_attn_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "flashattn_ext: ", name,
               " data pointer must be 16-byte aligned");
   for (int d = 0; d < 3; ++d)
-    TORCH_CHECK(t.size(d) <= 1 || t.stride(d) % 8 == 0, "flashattn_ext: ", name, ".stride(", d,
+    TORCH_CHECK(t.size(d) <= 1 || t.stride(d) % 8 == 0, "flashattn_ext: ", name, ".stride(", num(d),
                 ") must be a multiple of 8 elements");
 }
 
@@ -26,7 +27,7 @@ inline void check_attn_tensor(const at::Tensor& t, const char* name) {
 inline void check_device_arch(const at::Tensor& t) {
   int major = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device());
-  TORCH_CHECK(major >= 8, "flashattn_ext: needs a GPU of compute capability 8.0 or newer, got ", major, ".x");
+  TORCH_CHECK(major >= 8, "flashattn_ext: needs a GPU of compute capability 8.0 or newer, got ", num(major), ".x");
 }
 
 inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -37,10 +38,10 @@ inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor
               "flashattn_ext: q, k, v must have the same dtype");
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "flashattn_ext: q, k, v must be on one device");
   TORCH_CHECK(k.sizes() == v.sizes(), "flashattn_ext: k and v must have the same shape");
-  TORCH_CHECK(k.size(0) == q.size(0), "flashattn_ext: k batch ", k.size(0), " != q batch ", q.size(0));
-  TORCH_CHECK(k.size(3) == q.size(3), "flashattn_ext: k head_dim ", k.size(3), " != q head_dim ", q.size(3));
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "flashattn_ext: q heads ", q.size(1),
-              " must be a multiple of k/v heads ", k.size(1));
+  TORCH_CHECK(k.size(0) == q.size(0), "flashattn_ext: k batch ", num(k.size(0)), " != q batch ", num(q.size(0)));
+  TORCH_CHECK(k.size(3) == q.size(3), "flashattn_ext: k head_dim ", num(k.size(3)), " != q head_dim ", num(q.size(3)));
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "flashattn_ext: q heads ", num(q.size(1)),
+              " must be a multiple of k/v heads ", num(k.size(1)));
   check_device_arch(q);
   const int64_t int_max = std::numeric_limits<int>::max();
   TORCH_CHECK(q.size(2) < int_max && k.size(2) < int_max && q.size(0) * q.size(1) < int_max,

@@ -29,7 +29,7 @@ at::Tensor fa1_kernel_layout(const at::Tensor& t) {
 
 void fa1_check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name) {
   TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "flashattn_ext: ", name, " must be on q's device");
-  TORCH_CHECK(t.sizes() == q.sizes(), "flashattn_ext: ", name, " shape ", t.sizes(), " != q shape ", q.sizes());
+  TORCH_CHECK(t.sizes() == q.sizes(), "flashattn_ext: ", name, " shape ", shape(t.sizes()), " != q shape ", shape(q.sizes()));
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), "flashattn_ext: ", name, " dtype must equal q's");
 }
 
@@ -37,7 +37,7 @@ void fa1_check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name
 at::Tensor fa1_row_tensor(const at::Tensor& t, const at::Tensor& q, const char* name) {
   TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "flashattn_ext: ", name, " must be on q's device");
   TORCH_CHECK(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(2) == q.size(2),
-              "flashattn_ext: ", name, " must have shape (batch, heads_q, seqlen_q), got ", t.sizes());
+              "flashattn_ext: ", name, " must have shape (batch, heads_q, seqlen_q), got ", shape(t.sizes()));
   return t.to(at::kFloat).contiguous();
 }
 

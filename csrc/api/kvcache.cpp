@@ -46,7 +46,7 @@ void decode_hdim_switch(int64_t D, F&& f) {
   if (D == 128) return f(std::integral_constant<int, 128>{});
 #endif
   TORCH_CHECK(false, "flashattn_ext: attention_with_kvcache supports head dims 64 and 128 (as compiled into this "
-              "build), got ", D);
+              "build), got ", num(D));
 }
 
 // Split count for num_splits = 0, from shapes only (the real lengths live on the device). FlashAttention's
@@ -92,13 +92,13 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "flashattn_ext: k_cache and v_cache must have the same shape");
   TORCH_CHECK(std::isfinite(scale) && scale > 0, "flashattn_ext: scale must be a positive finite number");
   TORCH_CHECK(window_left >= -1 && window_right >= -1, "flashattn_ext: window entries must be >= -1");
-  TORCH_CHECK(num_splits >= 0 && num_splits <= kMaxSplits, "flashattn_ext: num_splits must be in [0, ", kMaxSplits,
-              "], got ", num_splits);
+  TORCH_CHECK(num_splits >= 0 && num_splits <= kMaxSplits, "flashattn_ext: num_splits must be in [0, ", num(kMaxSplits),
+              "], got ", num(num_splits));
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
   const bool paged = block_table.has_value();
   const int64_t Hkv = paged ? k_cache.size(2) : k_cache.size(1);
-  TORCH_CHECK(k_cache.size(3) == D, "flashattn_ext: k_cache head dim ", k_cache.size(3), " != q head dim ", D);
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "flashattn_ext: q heads ", Hq, " must be a multiple of cache kv heads ", Hkv);
+  TORCH_CHECK(k_cache.size(3) == D, "flashattn_ext: k_cache head dim ", num(k_cache.size(3)), " != q head dim ", num(D));
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "flashattn_ext: q heads ", num(Hq), " must be a multiple of cache kv heads ", num(Hkv));
   TORCH_CHECK(cache_seqlens.is_cuda() && cache_seqlens.device() == q.device() &&
                   cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
                   (B <= 1 || cache_seqlens.stride(0) == 1),
@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
     max_pages = bt.size(1);
     TORCH_CHECK(page_size > 0, "flashattn_ext: page_size must be >= 1");
   } else {
-    TORCH_CHECK(k_cache.size(0) == B, "flashattn_ext: contiguous k_cache batch ", k_cache.size(0), " != q batch ", B);
+    TORCH_CHECK(k_cache.size(0) == B, "flashattn_ext: contiguous k_cache batch ", num(k_cache.size(0)), " != q batch ", num(B));
     num_pages = B;
     page_size = std::max<int64_t>(k_cache.size(2), 1);
     max_pages = k_cache.size(2) > 0 ? 1 : 0;
@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
     check_same(*v_new, q, "v_new");
     const std::vector<int64_t> want{B, Hkv, Sq, D};
     TORCH_CHECK(k_new->sizes() == at::IntArrayRef(want) && v_new->sizes() == at::IntArrayRef(want),
-                "flashattn_ext: k_new and v_new must be (batch, kv heads, q seqlen, head_dim) = ", at::IntArrayRef(want));
+                "flashattn_ext: k_new and v_new must be (batch, kv heads, q seqlen, head_dim) = ", shape(at::IntArrayRef(want)));
     seqlen_new = Sq;
   }
   const c10::cuda::CUDAGuard guard(q.device());
@@ -214,8 +214,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
                       "flashattn_ext: workspace must be a contiguous, 16-byte aligned float32 tensor on q's device");
           const int64_t fit = ws.numel() / per_split;
           if (num_splits > 0)
-            TORCH_CHECK(fit >= splits, "flashattn_ext: workspace has ", ws.numel(), " floats; num_splits=", splits,
-                        " needs ", splits * per_split);
+            TORCH_CHECK(fit >= splits, "flashattn_ext: workspace has ", num(ws.numel()), " floats; num_splits=", num(splits),
+                        " needs ", num(splits * per_split));
           splits = std::min(splits, fit);  // auto: as many splits as the workspace holds
         }
         if (splits > 1 && !ws.defined()) ws = at::empty({splits * per_split}, q.options().dtype(at::kFloat));

@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <c10/util/Exception.h>
 #include <c10/core/ScalarType.h>
+#include <string>
 #include <vector>
 
 #define FAE_DTYPE_SWITCH(DTYPE, T, ...)                                                          \
@@ -60,7 +61,7 @@
       FAE_CASE_128(HDIM, __VA_ARGS__)                                                           \
       FAE_CASE_256(HDIM, __VA_ARGS__)                                                           \
       default:                                                                                  \
-        TORCH_CHECK(false, "flashattn_ext: head dim ", (D), " is not compiled into this build"); \
+        TORCH_CHECK(false, "flashattn_ext: head dim ", std::to_string(D), " is not compiled into this build"); \
     }                                                                                           \
   }()
 
