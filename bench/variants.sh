@@ -12,5 +12,5 @@ for flags in "${list[@]}"; do
   FLASHATTN_EXT_CUDA_ARCHS=90a FLASHATTN_EXT_HEAD_DIMS=${HEAD_DIMS:-128} FLASHATTN_EXT_NVCC_FLAGS="$flags" \
     MAX_JOBS=$(nproc) python3 setup.py build_ext --inplace > "$OUT/build_$n.log" 2>&1 || { tail -20 "$OUT/build_$n.log"; continue; }
   grep -E "spill stores" "$OUT/build_$n.log" | sort | uniq -c
-  ${MEASURE:-OP_CHECK_QUICK=1 python3 bench/op_check.py} 2>&1 | grep -E "${MEASURE_GREP:-FAIL|TFLOP|ALL}" | tee "$OUT/check_$n.log"
+  ${MEASURE:-env OP_CHECK_QUICK=1 python3 bench/op_check.py} 2>&1 | grep -E "${MEASURE_GREP:-FAIL|TFLOP|ALL}" | tee "$OUT/check_$n.log"
 done
