@@ -1,6 +1,7 @@
 // Shared checks and params filling for the C++ op entry points.
 #pragma once
 #include <ATen/ATen.h>
+#include <cmath>
 #include <cuda_runtime_api.h>
 #include <limits>
 #include "../include/error_text.h"
@@ -68,6 +69,44 @@ inline void fill_qkv_params(QkvParams& p, const at::Tensor& q, const at::Tensor&
   p.seqlen_q = static_cast<int>(q.size(2));
   p.seqlen_k = static_cast<int>(k.size(2));
   p.head_dim = static_cast<int>(q.size(3));
+}
+
+// dO (and O) come from autograd with whatever strides the next op produced (expand, transpose, slicing). The
+// kernels take any strides the forward accepts; anything else (strided last dim, strides not multiples of 8
+// elements, misaligned view) is copied to a fresh contiguous tensor, only then.
+inline at::Tensor with_kernel_layout(const at::Tensor& t) {
+  bool ok = t.stride(3) == 1 || t.size(3) == 1;
+  for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 8 == 0);
+  ok = ok && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  if (ok) return t;
+  return t.is_contiguous() ? t.clone() : t.contiguous();  // a contiguous but misaligned view needs a real copy
+}
+
+inline void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "flashattn_ext: ", name, " must be on q's device");
+  TORCH_CHECK(t.sizes() == q.sizes(), "flashattn_ext: ", name, " shape ", shape(t.sizes()), " != q shape ",
+              shape(q.sizes()));
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "flashattn_ext: ", name, " dtype must equal q's");
+}
+
+// A per-row statistic (lse, dlse) as the kernels index it: (batch, heads_q, seqlen_q) fp32 contiguous.
+inline at::Tensor per_row_float(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "flashattn_ext: ", name, " must be on q's device");
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(2) == q.size(2),
+              "flashattn_ext: ", name, " must have shape (batch, heads_q, seqlen_q), got ", shape(t.sizes()));
+  return t.to(at::kFloat).contiguous();
+}
+
+// Output, lse and softmax scale fields shared by every forward-style params struct.
+template <typename Params>
+void fill_output_params(Params& p, const at::Tensor& out, const at::Tensor& lse, double scale) {
+  p.o = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.o_batch_stride = out.stride(0);
+  p.o_head_stride = out.stride(1);
+  p.o_row_stride = out.stride(2);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * M_LOG2E);  // softmax runs in base 2
 }
 
 }  // namespace fae

@@ -17,30 +17,6 @@ void run_fa2_bwd(const BwdParams& params, cudaStream_t stream);
 
 namespace {
 
-// dO comes from autograd with whatever strides the next op produced (expand, transpose, slicing). The kernels
-// take any strides the forward accepts; anything else (last dim strided, strides not multiples of 8 elements,
-// misaligned view) is copied to a fresh contiguous tensor, only then.
-at::Tensor kernel_layout(const at::Tensor& t) {
-  bool ok = t.stride(3) == 1 || t.size(3) == 1;
-  for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 8 == 0);
-  ok = ok && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  if (ok) return t;
-  return t.is_contiguous() ? t.clone() : t.contiguous();  // a contiguous but misaligned view needs a real copy
-}
-
-void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "flashattn_ext: ", name, " must be on q's device");
-  TORCH_CHECK(t.sizes() == q.sizes(), "flashattn_ext: ", name, " shape ", shape(t.sizes()), " != q shape ", shape(q.sizes()));
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "flashattn_ext: ", name, " dtype must equal q's");
-}
-
-at::Tensor row_tensor(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "flashattn_ext: ", name, " must be on q's device");
-  TORCH_CHECK(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(2) == q.size(2),
-              "flashattn_ext: ", name, " must have shape (batch, heads_q, seqlen_q), got ", shape(t.sizes()));
-  return t.to(at::kFloat).contiguous();
-}
-
 void fill_grad_strides(int64_t& bs, int64_t& hs, int64_t& rs, const at::Tensor& t) {
   bs = t.stride(0);
   hs = t.stride(1);
@@ -69,10 +45,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout_in, co
     dv.zero_();
     return {dq, dk, dv};
   }
-  const at::Tensor dout = kernel_layout(dout_in), out = kernel_layout(out_in);
-  const at::Tensor lse = row_tensor(lse_in, q, "lse");
+  const at::Tensor dout = with_kernel_layout(dout_in), out = with_kernel_layout(out_in);
+  const at::Tensor lse = per_row_float(lse_in, q, "lse");
   at::Tensor dlse;
-  if (dlse_in.has_value() && dlse_in->defined()) dlse = row_tensor(*dlse_in, q, "dlse");
+  if (dlse_in.has_value() && dlse_in->defined()) dlse = per_row_float(*dlse_in, q, "dlse");
 
   const int64_t Sq_r = (Sq + kBwdSeqRound - 1) / kBwdSeqRound * kBwdSeqRound;
   const auto f32 = q.options().dtype(at::kFloat);

@@ -15,42 +15,14 @@ namespace fae {
 template <typename T, int kHeadDim>
 void run_fa1_bwd(const Fa1BwdParams& params, cudaStream_t stream);
 
-namespace {
-
-// dO arrives from autograd with whatever strides the next op produced. The kernel takes any strides the forward
-// accepts; anything else (strided last dim, strides not multiples of 8, misaligned view) is copied, only then.
-at::Tensor fa1_kernel_layout(const at::Tensor& t) {
-  bool ok = t.stride(3) == 1 || t.size(3) == 1;
-  for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 8 == 0);
-  ok = ok && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  if (ok) return t;
-  return t.is_contiguous() ? t.clone() : t.contiguous();  // contiguous but misaligned needs a real copy
-}
-
-void fa1_check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "flashattn_ext: ", name, " must be on q's device");
-  TORCH_CHECK(t.sizes() == q.sizes(), "flashattn_ext: ", name, " shape ", shape(t.sizes()), " != q shape ", shape(q.sizes()));
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "flashattn_ext: ", name, " dtype must equal q's");
-}
-
-// (batch, heads_q, seqlen_q) fp32 contiguous, as the kernel indexes it.
-at::Tensor fa1_row_tensor(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "flashattn_ext: ", name, " must be on q's device");
-  TORCH_CHECK(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(2) == q.size(2),
-              "flashattn_ext: ", name, " must have shape (batch, heads_q, seqlen_q), got ", shape(t.sizes()));
-  return t.to(at::kFloat).contiguous();
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fa1_bwd(const at::Tensor& dout_in, const at::Tensor& q,
                                                        const at::Tensor& k, const at::Tensor& v,
                                                        const at::Tensor& out_in, const at::Tensor& lse_in,
                                                        double scale, int64_t window_left, int64_t window_right,
                                                        const std::optional<at::Tensor>& dlse_in) {
   check_qkv(q, k, v);
-  fa1_check_like_q(dout_in, q, "dout");
-  fa1_check_like_q(out_in, q, "out");
+  check_like_q(dout_in, q, "dout");
+  check_like_q(out_in, q, "out");
   TORCH_CHECK(std::isfinite(scale) && scale > 0, "flashattn_ext: scale must be a positive finite number");
   TORCH_CHECK(window_left >= -1 && window_right >= -1, "flashattn_ext: window entries must be >= -1");
   const c10::cuda::CUDAGuard guard(q.device());
@@ -64,10 +36,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fa1_bwd(const at::Tensor& dout_in
     dv.zero_();
     return {dq, dk, dv};
   }
-  const at::Tensor dout = fa1_kernel_layout(dout_in), out = fa1_kernel_layout(out_in);
-  const at::Tensor lse = fa1_row_tensor(lse_in, q, "lse");
+  const at::Tensor dout = with_kernel_layout(dout_in), out = with_kernel_layout(out_in);
+  const at::Tensor lse = per_row_float(lse_in, q, "lse");
   at::Tensor dlse;
-  if (dlse_in.has_value() && dlse_in->defined()) dlse = fa1_row_tensor(*dlse_in, q, "dlse");
+  if (dlse_in.has_value() && dlse_in->defined()) dlse = per_row_float(*dlse_in, q, "dlse");
 
   const auto f32 = q.options().dtype(at::kFloat);
   // FA1's dQ round trip between K/V tiles; never read before the kernel writes it, so no memset.

@@ -34,13 +34,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
 
   FwdParams p{};
   fill_qkv_params(p, q, k, v);
-  p.o = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.o_batch_stride = out.stride(0);
-  p.o_head_stride = out.stride(1);
-  p.o_row_stride = out.stride(2);
-  p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale * M_LOG2E);
+  fill_output_params(p, out, lse, scale);
   p.window_left = static_cast<int>(std::min<int64_t>(window_left, Sk + Sq));
   p.window_right = static_cast<int>(std::min<int64_t>(window_right, Sk + Sq));
   (void)Hkv;

@@ -176,13 +176,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
   p.head_group = static_cast<int>(Hq / Hkv);
   p.seqlen_q = static_cast<int>(Sq);
   p.head_dim = static_cast<int>(D);
-  p.o = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.o_batch_stride = out.stride(0);
-  p.o_head_stride = out.stride(1);
-  p.o_row_stride = out.stride(2);
-  p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale * M_LOG2E);
+  fill_output_params(p, out, lse, scale);
   constexpr int64_t kWindowCap = int64_t(1) << 30;  // masks nothing beyond any int32 position
   p.window_left = static_cast<int>(std::min(window_left, kWindowCap));
   p.window_right = static_cast<int>(std::min(window_right, kWindowCap));
