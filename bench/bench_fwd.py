@@ -157,6 +157,9 @@ def bench_shape(shape, dtype_default, algorithms, attention, info):
         for peer in PEERS:
             a, p = row["results"][alg].get("tflops"), row["results"][peer].get("tflops")
             row["ratios"][f"{alg}/{SHORT[peer]}"] = a / p if a and p else None
+    if "fa2" in algorithms and "fa1" in algorithms:  # the FA1-vs-FA2 comparison of issue 3, same inputs, same run
+        a, p = row["results"]["fa2"].get("tflops"), row["results"]["fa1"].get("tflops")
+        row["ratios"]["fa2/fa1"] = a / p if a and p else None
     del q, k, v, ref
     torch.cuda.empty_cache()
     return row
