@@ -5,7 +5,7 @@
 Shapes are the forward rows of /work/shared/PEERS.md (B*S = 16k tokens, Hq*D = 2048). Prints a TFLOP/s table
 with our/peer ratios and our max abs difference from an SDPA output (shown, never asserted, so a broken kernel
 is visible), the extra memory of one forward at B1 H16 S16k D128, and writes fwd_results.json, fwd_results.csv
-and fwd_tflops.png into --out (default $OUT, else bench/results).
+fwd_tflops.png and fwd_vs_seqlen.png (bench/plot_fwd.py) into --out (default $OUT, else bench/results).
 """
 import argparse
 import inspect
@@ -283,6 +283,12 @@ def main():
     report.plot_bars(os.path.join(args.out, "fwd_tflops.png"), [r["label"] for r in rows],
                      {m: [r["results"][m].get("tflops") for r in rows] for m in methods}, "TFLOP/s",
                      f"forward, {env.get('device')}, torch {env['torch']}")
+    try:  # the papers' view: TFLOP/s against sequence length, one panel per (head dim, causal)
+        import plot_fwd
+        plot_fwd.plot(plot_fwd.rows_from_json(os.path.join(args.out, "fwd_results.json")),
+                      os.path.join(args.out, "fwd_vs_seqlen.png"), f"attention forward, {env.get('device')}")
+    except ImportError as e:
+        print("skipping fwd_vs_seqlen.png:", e)
     return 0
 
 
