@@ -109,4 +109,24 @@ void fill_output_params(Params& p, const at::Tensor& out, const at::Tensor& lse,
   p.scale_log2 = static_cast<float>(scale * M_LOG2E);  // softmax runs in base 2
 }
 
+inline void check_scale_and_window(double scale, int64_t window_left, int64_t window_right) {
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "flashattn_ext: scale must be a positive finite number");
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "flashattn_ext: window entries must be >= -1");
+}
+
+// dO, dlse and gradient pointers/strides shared by the FA2 and FA1 backward params structs.
+template <typename Params>
+void fill_grad_params(Params& p, const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& dq,
+                      const at::Tensor& dk, const at::Tensor& dv) {
+  p.dout = dout.data_ptr();
+  p.do_batch_stride = dout.stride(0), p.do_head_stride = dout.stride(1), p.do_row_stride = dout.stride(2);
+  p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_batch_stride = dq.stride(0), p.dq_head_stride = dq.stride(1), p.dq_row_stride = dq.stride(2);
+  p.dk_batch_stride = dk.stride(0), p.dk_head_stride = dk.stride(1), p.dk_row_stride = dk.stride(2);
+  p.dv_batch_stride = dv.stride(0), p.dv_head_stride = dv.stride(1), p.dv_row_stride = dv.stride(2);
+}
+
 }  // namespace fae

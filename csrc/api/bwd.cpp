@@ -15,16 +15,6 @@ namespace fae {
 template <typename T, int kHeadDim>
 void run_fa2_bwd(const BwdParams& params, cudaStream_t stream);
 
-namespace {
-
-void fill_grad_strides(int64_t& bs, int64_t& hs, int64_t& rs, const at::Tensor& t) {
-  bs = t.stride(0);
-  hs = t.stride(1);
-  rs = t.stride(2);
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k,
                                                    const at::Tensor& v, const at::Tensor& out_in,
                                                    const at::Tensor& lse_in, double scale, int64_t window_left,
@@ -33,8 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout_in, co
   check_qkv(q, k, v);
   check_like_q(dout_in, q, "dout");
   check_like_q(out_in, q, "out");
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, "flashattn_ext: scale must be a positive finite number");
-  TORCH_CHECK(window_left >= -1 && window_right >= -1, "flashattn_ext: window entries must be >= -1");
+  check_scale_and_window(scale, window_left, window_right);
   const c10::cuda::CUDAGuard guard(q.device());
 
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
@@ -58,22 +47,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout_in, co
 
   BwdParams p{};
   fill_qkv_params(p, q, k, v);
-  p.o = const_cast<void*>(out.data_ptr());
-  fill_grad_strides(p.o_batch_stride, p.o_head_stride, p.o_row_stride, out);
-  p.lse = const_cast<float*>(lse.data_ptr<float>());
-  p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale * M_LOG2E);
+  fill_output_params(p, out, lse, scale);
   p.window_left = static_cast<int>(std::min<int64_t>(window_left, Sk + Sq));
   p.window_right = static_cast<int>(std::min<int64_t>(window_right, Sk + Sq));
-  p.dout = dout.data_ptr();
-  fill_grad_strides(p.do_batch_stride, p.do_head_stride, p.do_row_stride, dout);
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  fill_grad_strides(p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride, dq);
-  fill_grad_strides(p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride, dk);
-  fill_grad_strides(p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride, dv);
-  p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
+  fill_grad_params(p, dout, dlse, dq, dk, dv);
   p.dsoftmax_sum = delta.data_ptr<float>();
   p.lse_log2 = lse_log2.data_ptr<float>();
   p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();

@@ -23,8 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fa1_bwd(const at::Tensor& dout_in
   check_qkv(q, k, v);
   check_like_q(dout_in, q, "dout");
   check_like_q(out_in, q, "out");
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, "flashattn_ext: scale must be a positive finite number");
-  TORCH_CHECK(window_left >= -1 && window_right >= -1, "flashattn_ext: window entries must be >= -1");
+  check_scale_and_window(scale, window_left, window_right);
   const c10::cuda::CUDAGuard guard(q.device());
 
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
@@ -54,32 +53,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fa1_bwd(const at::Tensor& dout_in
 
   Fa1BwdParams p{};
   fill_qkv_params(p, q, k, v);
-  p.o = const_cast<void*>(out.data_ptr());
-  p.o_batch_stride = out.stride(0);
-  p.o_head_stride = out.stride(1);
-  p.o_row_stride = out.stride(2);
-  p.lse = const_cast<float*>(lse.data_ptr<float>());
-  p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale * M_LOG2E);
+  fill_output_params(p, out, lse, scale);
   p.window_left = static_cast<int>(std::min<int64_t>(window_left, Sk + Sq));
   p.window_right = static_cast<int>(std::min<int64_t>(window_right, Sk + Sq));
-  p.dout = dout.data_ptr();
-  p.do_batch_stride = dout.stride(0);
-  p.do_head_stride = dout.stride(1);
-  p.do_row_stride = dout.stride(2);
-  p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dq_batch_stride = dq.stride(0);
-  p.dq_head_stride = dq.stride(1);
-  p.dq_row_stride = dq.stride(2);
-  p.dk_batch_stride = dk.stride(0);
-  p.dk_head_stride = dk.stride(1);
-  p.dk_row_stride = dk.stride(2);
-  p.dv_batch_stride = dv.stride(0);
-  p.dv_head_stride = dv.stride(1);
-  p.dv_row_stride = dv.stride(2);
+  fill_grad_params(p, dout, dlse, dq, dk, dv);
   p.dq_accum = dq_accum.data_ptr<float>();
   p.dk_accum = gqa ? dk_accum.data_ptr<float>() : nullptr;
   p.dv_accum = gqa ? dv_accum.data_ptr<float>() : nullptr;

@@ -17,8 +17,7 @@ void run_fa1_fwd(const Fa1FwdParams& params, cudaStream_t stream);
 std::tuple<at::Tensor, at::Tensor> fa1_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            double scale, int64_t window_left, int64_t window_right) {
   check_qkv(q, k, v);
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, "flashattn_ext: scale must be a positive finite number");
-  TORCH_CHECK(window_left >= -1 && window_right >= -1, "flashattn_ext: window entries must be >= -1");
+  check_scale_and_window(scale, window_left, window_right);
   const c10::cuda::CUDAGuard guard(q.device());
 
   at::Tensor out = at::empty_like(q);  // q's layout when q is dense, else contiguous

@@ -17,8 +17,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                                        double scale, int64_t window_left, int64_t window_right,
                                        bool /*deterministic: used by the backward only*/) {
   check_qkv(q, k, v);
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, "flashattn_ext: scale must be a positive finite number");
-  TORCH_CHECK(window_left >= -1 && window_right >= -1, "flashattn_ext: window entries must be >= -1");
+  check_scale_and_window(scale, window_left, window_right);
   const c10::cuda::CUDAGuard guard(q.device());
 
   at::Tensor out = at::empty_like(q);  // q's layout when q is dense, else contiguous

@@ -90,8 +90,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
   check_same(k_cache, q, "k_cache");
   check_same(v_cache, q, "v_cache");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "flashattn_ext: k_cache and v_cache must have the same shape");
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, "flashattn_ext: scale must be a positive finite number");
-  TORCH_CHECK(window_left >= -1 && window_right >= -1, "flashattn_ext: window entries must be >= -1");
+  check_scale_and_window(scale, window_left, window_right);
   TORCH_CHECK(num_splits >= 0 && num_splits <= kMaxSplits, "flashattn_ext: num_splits must be in [0, ", num(kMaxSplits),
               "], got ", num(num_splits));
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
