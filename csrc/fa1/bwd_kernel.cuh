@@ -62,29 +62,11 @@ struct Fa1BwdTraits {
   static_assert(kSmemBytes <= 163 * 1024, "must fit sm80's shared memory");
 };
 
-// addr[0..1] += (a, b) in global memory: one vector reduction on sm90, two scalar atomics before.
-__device__ __forceinline__ void fa1_red_add_f32x2(float* addr, float a, float b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(addr), "f"(a), "f"(b) : "memory");
-#else
-  atomicAdd(addr, a);
-  atomicAdd(addr + 1, b);
-#endif
-}
 
 // Dot product of two registers of two 16-bit values each, in fp32.
 template <typename T>
-__device__ __forceinline__ float fa1_dot2(uint32_t a, uint32_t b);
-template <>
-__device__ __forceinline__ float fa1_dot2<__half>(uint32_t a, uint32_t b) {
-  const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&a));
-  const float2 y = __half22float2(*reinterpret_cast<const __half2*>(&b));
-  return fmaf(x.x, y.x, x.y * y.y);
-}
-template <>
-__device__ __forceinline__ float fa1_dot2<__nv_bfloat16>(uint32_t a, uint32_t b) {
-  const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a));
-  const float2 y = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&b));
+__device__ __forceinline__ float fa1_dot2(uint32_t a, uint32_t b) {
+  const float2 x = unpack2<T>(a), y = unpack2<T>(b);
   return fmaf(x.x, y.x, x.y * y.y);
 }
 
@@ -381,8 +363,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa1_bwd_kernel(const __grid_c
               *reinterpret_cast<uint32_t*>(dv + key * p.dv_row_stride + col) = pack2<T>(v0, v1);
             } else {
               const int64_t off = kv_acc_base + static_cast<int64_t>(key) * kD + col;
-              fa1_red_add_f32x2(p.dk_accum + off, k0, k1);
-              fa1_red_add_f32x2(p.dv_accum + off, v0, v1);
+              red_add_f32x2(p.dk_accum + off, k0, k1);
+              red_add_f32x2(p.dv_accum + off, v0, v1);
             }
           }
         }

@@ -60,15 +60,6 @@ struct Fa2BwdTraits {
   static_assert(kThreads >= kBlockM / 2 && kBwdSeqRound % kBlockM == 0, "lse/Delta loaders, padded rows");
 };
 
-// dq_accum[addr .. addr+1] += (a, b): one vector reduction on sm90, two scalar ones before.
-__device__ __forceinline__ void red_add_f32x2(float* addr, float a, float b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(addr), "f"(a), "f"(b) : "memory");
-#else
-  atomicAdd(addr, a);
-  atomicAdd(addr + 1, b);
-#endif
-}
 
 template <typename Tr, bool kAccumDq>
 __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dkdv_kernel(const __grid_constant__ BwdParams p) {

@@ -10,18 +10,6 @@
 
 namespace fae {
 
-// One register of two 16-bit values -> two floats (torch builds with the implicit conversions disabled).
-template <typename T>
-__device__ __forceinline__ float2 unpack2(uint32_t x);
-template <>
-__device__ __forceinline__ float2 unpack2<__half>(uint32_t x) {
-  return __half22float2(*reinterpret_cast<const __half2*>(&x));
-}
-template <>
-__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t x) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
-}
-
 constexpr int kBwdRowThreads = 8;        // threads per row in the preprocess kernel
 constexpr int kBwdAuxBlockThreads = 128;
 
