@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cuda_runtime_api.h>
 #include <limits>
+#include <optional>
 #include "../include/error_text.h"
 #include "../include/params.h"
 
@@ -95,6 +96,18 @@ inline at::Tensor per_row_float(const at::Tensor& t, const at::Tensor& q, const 
   TORCH_CHECK(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(2) == q.size(2),
               "flashattn_ext: ", name, " must have shape (batch, heads_q, seqlen_q), got ", shape(t.sizes()));
   return t.to(at::kFloat).contiguous();
+}
+
+// The saved forward outputs and incoming gradients as both backward kernels read them.
+struct BackwardInputs {
+  at::Tensor dout, out, lse, dlse;  // dlse undefined when the loss does not use lse
+};
+
+inline BackwardInputs backward_inputs(const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                                      const std::optional<at::Tensor>& dlse, const at::Tensor& q) {
+  BackwardInputs in{with_kernel_layout(dout), with_kernel_layout(out), per_row_float(lse, q, "lse"), {}};
+  if (dlse.has_value() && dlse->defined()) in.dlse = per_row_float(*dlse, q, "dlse");
+  return in;
 }
 
 // Output, lse and softmax scale fields shared by every forward-style params struct.

@@ -34,10 +34,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout_in, co
     dv.zero_();
     return {dq, dk, dv};
   }
-  const at::Tensor dout = with_kernel_layout(dout_in), out = with_kernel_layout(out_in);
-  const at::Tensor lse = per_row_float(lse_in, q, "lse");
-  at::Tensor dlse;
-  if (dlse_in.has_value() && dlse_in->defined()) dlse = per_row_float(*dlse_in, q, "dlse");
+  const BackwardInputs in = backward_inputs(dout_in, out_in, lse_in, dlse_in, q);
+  const at::Tensor &dout = in.dout, &out = in.out, &lse = in.lse, &dlse = in.dlse;
 
   const int64_t Sq_r = (Sq + kBwdSeqRound - 1) / kBwdSeqRound * kBwdSeqRound;
   const auto f32 = q.options().dtype(at::kFloat);

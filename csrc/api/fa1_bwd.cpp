@@ -35,10 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fa1_bwd(const at::Tensor& dout_in
     dv.zero_();
     return {dq, dk, dv};
   }
-  const at::Tensor dout = with_kernel_layout(dout_in), out = with_kernel_layout(out_in);
-  const at::Tensor lse = per_row_float(lse_in, q, "lse");
-  at::Tensor dlse;
-  if (dlse_in.has_value() && dlse_in->defined()) dlse = per_row_float(*dlse_in, q, "dlse");
+  const BackwardInputs in = backward_inputs(dout_in, out_in, lse_in, dlse_in, q);
+  const at::Tensor &dout = in.dout, &out = in.out, &lse = in.lse, &dlse = in.dlse;
 
   const auto f32 = q.options().dtype(at::kFloat);
   // FA1's dQ round trip between K/V tiles; never read before the kernel writes it, so no memset.
