@@ -6,9 +6,8 @@ One new token per sequence (Sq = 1), GQA Hq32/Hkv8, D128, bf16, batch x context 
 Ours reads a paged cache (pages assigned in a random order) through the block table, for each page size, and
 the same keys stored contiguously (B, Hkv, L, D); the SDPA peers read the contiguous copy with enable_gqa.
 TB/s counts the K and V bytes a step must read (2 * B * Hkv * L * D * 2). Ours is timed through the raw op
-(flashattn_ext._ops.kvcache_fwd, automatic num_splits, a preallocated DecodeWorkspace): the public
-attention_with_kvcache adds value validation that reads cache_seqlens on the host (a sync per call) unless the
-step runs inside a CUDA graph. Writes decode_results.json / .csv / decode_tbps.png into --out (default $OUT,
+(flashattn_ext._ops.kvcache_fwd, automatic num_splits, a preallocated DecodeWorkspace); the public
+attention_with_kvcache adds only host-side Python (no sync): bench/bench_overhead.py compares the two. Writes decode_results.json / .csv / decode_tbps.png into --out (default $OUT,
 else bench/results).
 """
 import argparse
