@@ -12,9 +12,10 @@ import warnings
 
 import torch
 
+from ._build_config import ALGORITHMS, HEAD_DIMS
+
 # Head dims the kernels are instantiated for when the extension cannot tell us (not built yet).
-DEFAULT_HEAD_DIMS = (32, 64, 96, 128, 256)
-ALGORITHMS = ("auto", "fa2", "fa1", "fa3")
+DEFAULT_HEAD_DIMS = HEAD_DIMS
 
 _IMPORT_ERROR = None
 try:

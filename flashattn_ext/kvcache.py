@@ -9,9 +9,9 @@ import numbers
 import torch
 
 from . import _ops, validate
+from ._build_config import DECODE_HEAD_DIMS
 from .reference import attention_reference, effective_window
 
-DECODE_HEAD_DIMS = (64, 128)  # instantiated for decode (csrc/instantiations/decode_*)
 MAX_SPLITS = 256
 
 

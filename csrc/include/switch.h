@@ -1,12 +1,18 @@
-// Runtime -> compile-time dispatch, in one place. Every switch ends in an error branch naming the value.
-// Head dims can be left out of a build (FLASHATTN_EXT_HEAD_DIMS in setup.py defines FAE_NO_HDIM<D>).
+// Runtime -> compile-time dispatch over the head dims of this build, in one place; every switch ends in an error
+// naming the value. The lists come from flashattn_ext/_build_config.py through setup.py (-DFAE_HEAD_DIMS=32,64,...
+// and -DFAE_DECODE_HEAD_DIMS=...), so adding a head dim to the build never touches this file.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <c10/util/Exception.h>
 #include <c10/core/ScalarType.h>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#ifndef FAE_HEAD_DIMS
+#error "FAE_HEAD_DIMS (comma-separated head dims of this build) is set by setup.py from flashattn_ext/_build_config.py"
+#endif
 
 #define FAE_DTYPE_SWITCH(DTYPE, T, ...)                                                          \
   [&] {                                                                                          \
@@ -20,76 +26,40 @@
     TORCH_CHECK(false, "flashattn_ext: unsupported dtype ", (DTYPE), " (expected float16 or bfloat16)"); \
   }()
 
-#define FAE_HDIM_CASE(D, HDIM, ...) \
-  case D: {                         \
-    constexpr int HDIM = D;         \
-    return __VA_ARGS__();           \
-  }
+namespace fae {
 
-#ifdef FAE_NO_HDIM32
-#define FAE_CASE_32(HDIM, ...)
-#else
-#define FAE_CASE_32(HDIM, ...) FAE_HDIM_CASE(32, HDIM, __VA_ARGS__)
-#endif
-#ifdef FAE_NO_HDIM64
-#define FAE_CASE_64(HDIM, ...)
-#else
-#define FAE_CASE_64(HDIM, ...) FAE_HDIM_CASE(64, HDIM, __VA_ARGS__)
-#endif
-#ifdef FAE_NO_HDIM96
-#define FAE_CASE_96(HDIM, ...)
-#else
-#define FAE_CASE_96(HDIM, ...) FAE_HDIM_CASE(96, HDIM, __VA_ARGS__)
-#endif
-#ifdef FAE_NO_HDIM128
-#define FAE_CASE_128(HDIM, ...)
-#else
-#define FAE_CASE_128(HDIM, ...) FAE_HDIM_CASE(128, HDIM, __VA_ARGS__)
-#endif
-#ifdef FAE_NO_HDIM256
-#define FAE_CASE_256(HDIM, ...)
-#else
-#define FAE_CASE_256(HDIM, ...) FAE_HDIM_CASE(256, HDIM, __VA_ARGS__)
-#endif
-
-#define FAE_HEADDIM_SWITCH(D, HDIM, ...)                                                        \
-  [&] {                                                                                         \
-    switch (D) {                                                                                \
-      FAE_CASE_32(HDIM, __VA_ARGS__)                                                            \
-      FAE_CASE_64(HDIM, __VA_ARGS__)                                                            \
-      FAE_CASE_96(HDIM, __VA_ARGS__)                                                            \
-      FAE_CASE_128(HDIM, __VA_ARGS__)                                                           \
-      FAE_CASE_256(HDIM, __VA_ARGS__)                                                           \
-      default:                                                                                  \
-        TORCH_CHECK(false, "flashattn_ext: head dim ", std::to_string(D), " is not compiled into this build"); \
-    }                                                                                           \
-  }()
-
-// The decode kernels (csrc/decode) are instantiated for head dims 64 and 128 only; without both, the kvcache_fwd
-// and merge_states ops are not defined.
-#if !(defined(FAE_NO_HDIM64) && defined(FAE_NO_HDIM128))
+template <int... Ds>
+struct HeadDims {};
+using CompiledHeadDims = HeadDims<FAE_HEAD_DIMS>;  // attention fwd / bwd, every family
+#ifdef FAE_DECODE_HEAD_DIMS
+using DecodeHeadDims = HeadDims<FAE_DECODE_HEAD_DIMS>;  // attention_with_kvcache; kvcache ops exist only then
 #define FAE_HAS_DECODE 1
 #endif
 
-namespace fae {
-// Head dims compiled into this build, for build_info() and validation.
-inline std::vector<int> compiled_head_dims() {
-  std::vector<int> dims;
-#ifndef FAE_NO_HDIM32
-  dims.push_back(32);
-#endif
-#ifndef FAE_NO_HDIM64
-  dims.push_back(64);
-#endif
-#ifndef FAE_NO_HDIM96
-  dims.push_back(96);
-#endif
-#ifndef FAE_NO_HDIM128
-  dims.push_back(128);
-#endif
-#ifndef FAE_NO_HDIM256
-  dims.push_back(256);
-#endif
-  return dims;
+template <int... Ds>
+std::vector<int> head_dim_list(HeadDims<Ds...>) {
+  return {Ds...};
 }
+
+// Calls f(std::integral_constant<int, d>) for d in the list, else raises naming `what`.
+template <int D, int... Rest, typename F>
+void head_dim_switch(HeadDims<D, Rest...>, int d, const char* what, F&& f) {
+  if (d == D) return f(std::integral_constant<int, D>{});
+  if constexpr (sizeof...(Rest) > 0) {
+    return head_dim_switch(HeadDims<Rest...>{}, d, what, f);
+  } else {
+    TORCH_CHECK_VALUE(false, "head dim ", std::to_string(d), " is not compiled into this build (", what, ")");
+  }
+}
+
+// Head dims compiled into this build, for build_info() and the argument checks.
+inline std::vector<int> compiled_head_dims() { return head_dim_list(CompiledHeadDims{}); }
+
 }  // namespace fae
+
+// FAE_HEADDIM_SWITCH(d, kHeadDim, [&] { ... kHeadDim ... }) over the compiled head dims.
+#define FAE_HEADDIM_SWITCH(D, HDIM, ...)                                           \
+  fae::head_dim_switch(fae::CompiledHeadDims{}, (D), "attention", [&](auto hdim_) { \
+    constexpr int HDIM = decltype(hdim_)::value;                                   \
+    return __VA_ARGS__();                                                          \
+  })
