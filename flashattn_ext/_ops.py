@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from ._build_config import ALGORITHMS, HEAD_DIMS
+from ._build_config import ALGORITHMS, HEAD_DIMS  # noqa: F401  (ALGORITHMS: validate.check_algorithm)
 
 # Head dims the kernels are instantiated for when the extension cannot tell us (not built yet).
 DEFAULT_HEAD_DIMS = HEAD_DIMS

@@ -2,31 +2,18 @@
 robustness (poisoned memory, NaN padding, races, huge grids) and torch integration (opcheck, compile).
 Skipped without a GPU of compute capability >= 8.0 and a built extension."""
 import math
-import zlib
 
 import pytest
 import torch
 
-from flashattn_ext import attention, build_info
+from flashattn_ext import attention
 from flashattn_ext.reference import visible_mask
-from flashattn_ext.testing import lse_check, make_qkv, two_x_rule
+from flashattn_ext.testing import (BF16, BUILT_HEAD_DIMS, D_DEFAULT, DEVICE, FP16, lse_check, make_qkv,
+                                   need_head_dim, seed_of, two_x_rule)
 
 pytestmark = pytest.mark.requires_cuda_ext
 
-DEVICE = "cuda"
-FP16, BF16 = torch.float16, torch.bfloat16
-BUILT_HEAD_DIMS = build_info()["head_dims"]
-D_DEFAULT = 128 if 128 in BUILT_HEAD_DIMS else (BUILT_HEAD_DIMS or [128])[0]
 OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
-
-
-def need_head_dim(D):
-    if D not in BUILT_HEAD_DIMS:
-        pytest.skip(f"head dim {D} not compiled (build_info()['head_dims'] = {BUILT_HEAD_DIMS})")
-
-
-def seed_of(*params):
-    return zlib.crc32(repr(params).encode())
 
 
 def check(q, k, v, causal=False, window=(-1, -1), scale=None):

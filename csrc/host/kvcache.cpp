@@ -6,7 +6,7 @@
 //
 // Only head dims 64 and 128 are instantiated for decode (csrc/instantiations/decode_*); with neither in the
 // build, the ops are not defined and Python falls back / raises.
-#include "../include/switch.h"
+#include "switch.h"
 #ifdef FAE_HAS_DECODE
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,7 +18,7 @@
 #include <optional>
 #include <type_traits>
 #include <vector>
-#include "../include/params.h"
+#include "../common/params.h"
 #include "checks.h"
 #include "ops.h"
 

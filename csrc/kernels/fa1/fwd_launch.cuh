@@ -1,7 +1,7 @@
 // Host-side launch of the FA1 forward kernel for one (dtype, head dim).
 #pragma once
 #include <cuda_runtime.h>
-#include "../include/launch.h"
+#include "../launch.h"
 #include "fwd_kernel.cuh"
 
 namespace fae {

@@ -1,7 +1,7 @@
 // Host-side launch of the FA1 backward for one (dtype, head dim): a single kernel, one block per (batch, head).
 #pragma once
 #include <cuda_runtime.h>
-#include "../include/launch.h"
+#include "../launch.h"
 #include "bwd_kernel.cuh"
 
 namespace fae {

@@ -1,12 +1,15 @@
-// Host-side launch of the KV-cache attention kernels (decode_kernel.cuh) for one (dtype, head dim): the append
-// kernel when new tokens are given, then the split kernel, then the combine kernel when num_splits > 1, all on
+// Host-side launch of the KV-cache attention kernels (append_kernel.cuh, split_kv_kernel.cuh, combine_kernel.cuh)
+// for one (dtype, head dim): the append kernel when new tokens are given, then the split kernel, then the combine
+// kernel when num_splits > 1, all on
 // `stream` and none reading anything on the host (CUDA-graph capturable).
 #pragma once
 #include <cuda_runtime.h>
 #include <stdexcept>
 #include <string>
-#include "../include/launch.h"
-#include "decode_kernel.cuh"
+#include "../launch.h"
+#include "append_kernel.cuh"
+#include "combine_kernel.cuh"
+#include "split_kv_kernel.cuh"
 
 namespace fae {
 

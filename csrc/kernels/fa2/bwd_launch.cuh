@@ -3,7 +3,7 @@
 //   dK/dV kernel + dQ kernel (no atomics; ~1.4x the FLOPs).
 #pragma once
 #include <cuda_runtime.h>
-#include "../include/launch.h"
+#include "../launch.h"
 #include "bwd_dq_kernel.cuh"
 #include "bwd_kernel.cuh"
 #include "bwd_preprocess.cuh"
