@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build (all cores), raw-op check, GPU tests, bench; logs under $OUT (or ./out).
 # Knobs: ARCHS (default 90a while iterating), HEAD_DIMS (default all), ALGOS (bench_fwd algorithms, default fa2),
-# STEPS (default "build check test bench"; also selfcheck, sanitize, fuzzslow, benchbwd).
+# STEPS (default "build check test bench"; also selfcheck, sanitize, fuzzslow, benchbwd, overhead).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-build check test bench}
@@ -23,6 +23,7 @@ for step in $STEPS; do
     sanitize) bash bench/sanitize.sh 2>&1 | tee "$OUT/sanitize.log" || status=1 ;;
     fuzzslow) python3 -m pytest -q -m slow tests/test_fuzz.py 2>&1 | tail -5 | tee "$OUT/fuzz_slow.log" || status=1 ;;
     benchbwd) python3 bench/bench_bwd.py --out "$OUT" 2>&1 | tee "$OUT/bench_bwd.log" || status=1 ;;
+    overhead) python3 bench/bench_overhead.py --out "$OUT" 2>&1 | tee "$OUT/bench_overhead.log" || status=1 ;;
     bench) python3 bench/bench_fwd.py --algorithms ${ALGOS:-fa2} --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
