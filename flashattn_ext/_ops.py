@@ -88,6 +88,9 @@ def _merge_states_fake(o_a, lse_a, o_b, lse_b):
     return o_a.new_empty(o_a.shape), lse_a.new_empty(lse_a.shape, dtype=torch.float32)
 
 
+# The forward op itself, looked up once: attention()'s hot path calls it without walking torch.ops each time.
+FWD = torch.ops.flashattn_ext.fwd.default if _has_op("fwd") else None
+
 for _name, _fake in (("fwd", _fwd_fake), ("bwd", _bwd_fake), ("kvcache_fwd", _kvcache_fwd_fake),
                      ("merge_states", _merge_states_fake)):
     if _has_op(_name):  # an extension built without an op (e.g. no decode head dim) still imports
