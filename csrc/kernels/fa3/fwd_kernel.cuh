@@ -1,0 +1,273 @@
+// Hopper (sm_90a) FlashAttention forward: TMA loads, wgmma, warp specialisation.
+//
+// One block per (query tile of 128 rows, batch, head), 3 warpgroups:
+//   warpgroup 0 (producer): one thread issues TMA copies of Q once and of K/V tiles into a ring of kStages
+//     shared-memory stages; "full" mbarriers complete when the bytes land, "empty" ones when both consumers
+//     are done with a stage. It gives most of its registers away (setmaxnreg).
+//   warpgroups 1, 2 (consumers): 64 query rows each. S = Q K^T with both operands in shared memory,
+//     online softmax in registers (base 2, scale * log2(e) folded in), O += P V with P straight from the
+//     S accumulators (registers) and V read transposed from shared memory.
+// Shared-memory tiles are stored as the TMA writes them with the 128-byte swizzle: each 64-column panel of a
+// tile is rows x 128 bytes, 8-row atoms of 1024 bytes; the wgmma descriptors below address that layout.
+#pragma once
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <type_traits>
+#include "../../include/mask.h"
+#include "../../include/params.h"
+#include "../../sm90/ptx.h"
+#include "../../sm90/wgmma_ops.h"
+
+namespace fae {
+
+template <typename T_, int kHeadDim_>
+struct Fa3FwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kConsumers = 2;              // consumer warpgroups, 64 query rows each
+  static constexpr int kBlockM = 64 * kConsumers;
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
+  static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
+  static constexpr int kPanels = kHeadDim / 64;     // 64-column (128-byte) swizzle panels per row
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr int kPanelQ = kBlockM * 128;     // bytes of one panel of the Q tile
+  static constexpr int kPanelKV = kBlockN * 128;    // bytes of one panel of a K or V tile
+  static constexpr int kQBytes = kPanelQ * kPanels;
+  static constexpr int kKVBytes = kPanelKV * kPanels;
+  // Q | K stages | V stages | mbarriers, after aligning the base to the 1024-byte swizzle atom.
+  static constexpr int kBarrierOffset = kQBytes + 2 * kStages * kKVBytes;
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * (1 + 3 * kStages) + 1024;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(kHeadDim % 64 == 0, "the Hopper forward takes head dims that are multiples of 64");
+  static_assert(kSmemBytes <= 227 * 1024, "tile does not fit in shared memory");
+};
+
+namespace fa3 {
+
+// Accumulator fragment of wgmma m64nN (f32): per warp 16 rows; thread (g = lane/4, t = lane%4) holds, for
+// each 8-column block j, d[4j + e] at (row g, col 8j + 2t + e) and d[4j + 2 + e] at (row g + 8, same col).
+// The same indices give the A-operand fragment of the next wgmma (16 keys = blocks 2kk, 2kk + 1).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+}  // namespace fa3
+
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    fa3_fwd_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ CUtensorMap tmap_q,
+                   const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_v) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace sm90;
+  using T = typename Tr::T;
+  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kD = Tr::kHeadDim, kStages = Tr::kStages;
+  constexpr int kPanels = Tr::kPanels;
+
+  extern __shared__ char smem_raw[];
+  char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  char* sQ = smem;
+  char* sK = sQ + Tr::kQBytes;                      // stage s at sK + s * kKVBytes
+  char* sV = sK + kStages * Tr::kKVBytes;
+  uint64_t* bar_q = reinterpret_cast<uint64_t*>(smem + Tr::kBarrierOffset);
+  uint64_t* bar_k = bar_q + 1;                      // K of stage s landed
+  uint64_t* bar_v = bar_k + kStages;                // V of stage s landed
+  uint64_t* bar_empty = bar_v + kStages;            // both consumers are done with stage s
+
+  // Flat grid: the last (for causal: heaviest) query tiles first; consecutive blocks are consecutive heads
+  // of one batch, so the query heads of one GQA group read the same K/V tiles from L2 at about the same time.
+  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int bh_count = p.batch * p.heads_q;
+  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x / bh_count);
+  const int bh = static_cast<int>(blockIdx.x % bh_count);
+  const int b = bh / p.heads_q, h = bh % p.heads_q, hk = h / p.head_group;
+  const int m0 = m_block * kBlockM;
+  const int m_end = min(m0 + kBlockM, p.seqlen_q);
+
+  const WindowMask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  const int key_begin = mask.key_begin(m0), key_end = mask.key_end(m_end);
+  const int n_begin = key_begin / kBlockN;
+  const int n_end = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : n_begin;
+  const int n_count = n_end - n_begin;
+
+  if (threadIdx.x == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&bar_k[s], 1);
+      mbar_init(&bar_v[s], 1);
+      mbar_init(&bar_empty[s], Tr::kConsumers * 4);  // one arrive per consumer warp
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    // ---------------- producer ----------------
+    regs_dealloc<Tr::kProducerRegs>();
+    if (threadIdx.x == 0 && n_count > 0) {
+      tma_prefetch_desc(&tmap_q);
+      tma_prefetch_desc(&tmap_k);
+      tma_prefetch_desc(&tmap_v);
+      mbar_arrive_expect_tx(bar_q, Tr::kQBytes);
+#pragma unroll
+      for (int c = 0; c < kPanels; ++c) tma_load_4d(sQ + c * Tr::kPanelQ, &tmap_q, bar_q, c * 64, m0, h, b);
+      for (int i = 0; i < n_count; ++i) {
+        const int stage = i % kStages;
+        const int n0 = (n_end - 1 - i) * kBlockN;
+        if (i >= kStages) mbar_wait(&bar_empty[stage], ((i / kStages) & 1) ^ 1);
+        char* k_dst = sK + stage * Tr::kKVBytes;
+        char* v_dst = sV + stage * Tr::kKVBytes;
+        mbar_arrive_expect_tx(&bar_k[stage], Tr::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < kPanels; ++c) tma_load_4d(k_dst + c * Tr::kPanelKV, &tmap_k, &bar_k[stage], c * 64, n0, hk, b);
+        mbar_arrive_expect_tx(&bar_v[stage], Tr::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < kPanels; ++c) tma_load_4d(v_dst + c * Tr::kPanelKV, &tmap_v, &bar_v[stage], c * 64, n0, hk, b);
+      }
+    }
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  regs_alloc<Tr::kConsumerRegs>();
+  const int cw = warpgroup - 1;                        // consumer index: query rows [64 cw, 64 cw + 64)
+  const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int row0 = m0 + cw * 64 + warp * 16 + g;       // this thread's rows: row0 and row0 + 8
+
+  float acc_o[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};           // log2 domain (scores * scale * log2 e)
+  float row_sum[2] = {0.f, 0.f};
+
+  const uint32_t q_base = smem_addr(sQ) + cw * 64 * 128;
+  if (n_count > 0) mbar_wait(bar_q, 0);
+
+  for (int i = 0; i < n_count; ++i) {
+    const int stage = i % kStages;
+    const uint32_t phase = (i / kStages) & 1;
+    const int n0 = (n_end - 1 - i) * kBlockN;
+    const uint32_t k_base = smem_addr(sK + stage * Tr::kKVBytes);
+    const uint32_t v_base = smem_addr(sV + stage * Tr::kKVBytes);
+
+    // S = Q K^T: D / 16 k-steps; a k-step is 32 bytes inside a 128-byte swizzle row of one panel.
+    float acc_s[kBlockN / 2];
+    mbar_wait(&bar_k[stage], phase);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t off = (kk % 4) * 32;
+      const uint64_t da = smem_desc_sw128(q_base + (kk / 4) * Tr::kPanelQ + off, 16, 1024);
+      const uint64_t db = smem_desc_sw128(k_base + (kk / 4) * Tr::kPanelKV + off, 16, 1024);
+      WgmmaSS<kBlockN, T, 0>::run(acc_s, da, db, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(acc_s);
+
+    // Mask (only tiles that straddle a window edge or the end of the keys), then the online softmax.
+    if (!mask.tile_fully_visible(m0, m_end, n0, n0 + kBlockN)) {
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = n0 + 8 * j + 2 * t + e;
+          if (!mask.visible(row0, col)) acc_s[4 * j + e] = -INFINITY;
+          if (!mask.visible(row0 + 8, col)) acc_s[4 * j + 2 + e] = -INFINITY;
+        }
+    }
+    float scale_o[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[4 * j + 2 * r], acc_s[4 * j + 2 * r + 1]));
+      mx = fa3::quad_max(mx) * p.scale_log2;
+      const float m_new = fmaxf(row_max[r], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet: exp2(-inf) = 0
+      scale_o[r] = exp2_approx(row_max[r] - m_use);
+      row_max[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pr = exp2_approx(acc_s[4 * j + 2 * r + e] * p.scale_log2 - m_use);
+          acc_s[4 * j + 2 * r + e] = pr;
+          sum += pr;
+        }
+      row_sum[r] = row_sum[r] * scale_o[r] + sum;     // per-thread partial; reduced across the quad at the end
+    }
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {
+      acc_o[4 * j + 0] *= scale_o[0];
+      acc_o[4 * j + 1] *= scale_o[0];
+      acc_o[4 * j + 2] *= scale_o[1];
+      acc_o[4 * j + 3] *= scale_o[1];
+    }
+
+    // O += P V: P (64 x kBlockN) from registers, V (kBlockN keys x D) MN-major in shared memory: a 16-key
+    // k-step is 2 atoms of 8 key rows (sbo = 1024), the D columns span kPanels panels (lbo = panel bytes).
+    // P is packed to 16 bits before the fence, so no register the wgmma reads is written after it.
+    uint32_t p_frag[kBlockN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) p_frag[kk][r] = fa3::pack2<T>(acc_s[8 * kk + 2 * r], acc_s[8 * kk + 2 * r + 1]);
+    mbar_wait(&bar_v[stage], phase);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+#ifdef FAE_FA3_V_SWAP_LBO
+      const uint64_t dv = smem_desc_sw128(v_base + kk * 16 * 128, 1024, Tr::kPanelKV);
+#else
+      const uint64_t dv = smem_desc_sw128(v_base + kk * 16 * 128, Tr::kPanelKV, 1024);
+#endif
+      WgmmaRS<kD, T, 1>::run(acc_o, p_frag[kk], dv, 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(acc_o);
+    if (lane == 0) mbar_arrive(&bar_empty[stage]);
+  }
+
+  // Epilogue: normalise, write O (rows < seqlen_q) and lse.
+  T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+  float* lse = p.lse + (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = fa3::quad_sum(row_sum[r]);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int row = row0 + 8 * r;
+    if (row < p.seqlen_q) {
+      T* orow = o + static_cast<int64_t>(row) * p.o_row_stride;
+#pragma unroll
+      for (int j = 0; j < kD / 8; ++j)
+        *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
+            fa3::pack2<T>(acc_o[4 * j + 2 * r] * inv, acc_o[4 * j + 2 * r + 1] * inv);
+      if (t == 0) lse[row] = sum > 0.f ? (row_max[r] + __log2f(sum)) * 0.69314718055994530942f : -INFINITY;
+    }
+  }
+#endif
+}
+
+}  // namespace fae

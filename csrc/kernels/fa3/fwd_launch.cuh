@@ -1,0 +1,33 @@
+// Host-side launch of the Hopper forward for one (dtype, head dim): tensor maps for Q, K, V, then the kernel.
+#pragma once
+#include <cuda_runtime.h>
+#include <type_traits>
+#include "../../include/launch.h"
+#include "../../sm90/tma.h"
+#include "fwd_kernel.cuh"
+
+namespace fae {
+
+template <typename T, int kHeadDim>
+void run_fa3_fwd(const FwdParams& params, cudaStream_t stream) {
+  using Tr = Fa3FwdTraits<T, kHeadDim>;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  const int64_t num_m_blocks = (params.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM;
+  const int64_t blocks = num_m_blocks * params.batch * params.heads_q;
+  if (blocks == 0) return;
+  const CUtensorMap tq = sm90::make_bhsd_tmap(params.q, kBf16, params.batch, params.heads_q, params.seqlen_q, kHeadDim,
+                                              params.q_batch_stride, params.q_head_stride, params.q_row_stride,
+                                              Tr::kBlockM);
+  const CUtensorMap tk = sm90::make_bhsd_tmap(params.k, kBf16, params.batch, params.heads_kv, params.seqlen_k, kHeadDim,
+                                              params.k_batch_stride, params.k_head_stride, params.k_row_stride,
+                                              Tr::kBlockN);
+  const CUtensorMap tv = sm90::make_bhsd_tmap(params.v, kBf16, params.batch, params.heads_kv, params.seqlen_k, kHeadDim,
+                                              params.v_batch_stride, params.v_head_stride, params.v_row_stride,
+                                              Tr::kBlockN);
+  auto kernel = fa3_fwd_kernel<Tr>;
+  set_smem_limit(kernel, Tr::kSmemBytes, "fa3_fwd");
+  kernel<<<grid_size(blocks, "fa3_fwd"), Tr::kThreads, Tr::kSmemBytes, stream>>>(params, tq, tk, tv);
+  check_cuda(cudaGetLastError(), "fa3_fwd launch");
+}
+
+}  // namespace fae
