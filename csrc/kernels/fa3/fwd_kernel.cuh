@@ -28,7 +28,11 @@ struct Fa3FwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kConsumers = 2;              // consumer warpgroups, 64 query rows each
   static constexpr int kBlockM = 64 * kConsumers;
+#ifdef FAE_FA3_BLOCK_N_D128
+  static constexpr int kBlockN = kHeadDim == 128 ? FAE_FA3_BLOCK_N_D128 : kHeadDim < 128 ? 128 : 64;
+#else
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
+#endif
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
   static constexpr int kPanels = kHeadDim / 64;     // 64-column (128-byte) swizzle panels per row
   static constexpr int kThreads = 128 * (kConsumers + 1);
@@ -38,8 +42,13 @@ struct Fa3FwdTraits {
   static constexpr int kKVBytes = kPanelKV * kPanels;
   // Q | K stages | V stages | mbarriers, after aligning the base to the 1024-byte swizzle atom.
   static constexpr int kBarrierOffset = kQBytes + 2 * kStages * kKVBytes;
-  static constexpr int kSmemBytes = kBarrierOffset + 8 * (1 + 3 * kStages) + 1024;
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * (1 + 4 * kStages) + 1024;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+#ifdef FAE_FA3_PINGPONG
+  static constexpr bool kPingPong = FAE_FA3_PINGPONG;
+#else
+  static constexpr bool kPingPong = false;
+#endif
   static_assert(kHeadDim % 64 == 0, "the Hopper forward takes head dims that are multiples of 64");
   static_assert(kSmemBytes <= 227 * 1024, "tile does not fit in shared memory");
 };
@@ -69,6 +78,91 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
 
+// The consumer's per-tile steps. Each issues or consumes wgmma work for one warpgroup (64 query rows).
+template <typename Tr>
+struct Consumer {
+  using T = typename Tr::T;
+  static constexpr int kBlockN = Tr::kBlockN, kD = Tr::kHeadDim;
+
+  // S = Q K^T: D / 16 k-steps; a k-step is 32 bytes inside a 128-byte swizzle row of one panel. Issues only.
+  static __device__ __forceinline__ void issue_qk(float (&acc_s)[kBlockN / 2], uint32_t q_base, uint32_t k_base) {
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t off = (kk % 4) * 32;
+      const uint64_t da = sm90::smem_desc_sw128(q_base + (kk / 4) * Tr::kPanelQ + off, 16, 1024);
+      const uint64_t db = sm90::smem_desc_sw128(k_base + (kk / 4) * Tr::kPanelKV + off, 16, 1024);
+      sm90::WgmmaSS<kBlockN, T, 0>::run(acc_s, da, db, kk > 0);
+    }
+  }
+
+  // O += P V: P (64 x kBlockN) from registers, V (kBlockN keys x D) MN-major in shared memory: a 16-key
+  // k-step is 2 atoms of 8 key rows (sbo = 1024), the D columns span the panels (lbo = panel bytes). Issues only.
+  static __device__ __forceinline__ void issue_pv(float (&acc_o)[kD / 2], const uint32_t (&p_frag)[kBlockN / 16][4],
+                                                  uint32_t v_base) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint64_t dv = sm90::smem_desc_sw128(v_base + kk * 16 * 128, Tr::kPanelKV, 1024);
+      sm90::WgmmaRS<kD, T, 1>::run(acc_o, p_frag[kk], dv, 1);
+    }
+  }
+
+  // Masks S where needed, folds its row maxima into the running state and turns S into unnormalised
+  // probabilities in place; returns in scale_o the factors the O accumulator must be multiplied by.
+  static __device__ __forceinline__ void softmax(float (&acc_s)[kBlockN / 2], float (&row_max)[2], float (&row_sum)[2],
+                                                 float (&scale_o)[2], const WindowMask& mask, bool needs_mask,
+                                                 int row0, int n0, int t, float scale_log2) {
+    if (needs_mask) {
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = n0 + 8 * j + 2 * t + e;
+          if (!mask.visible(row0, col)) acc_s[4 * j + e] = -INFINITY;
+          if (!mask.visible(row0 + 8, col)) acc_s[4 * j + 2 + e] = -INFINITY;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[4 * j + 2 * r], acc_s[4 * j + 2 * r + 1]));
+      mx = quad_max(mx) * scale_log2;
+      const float m_new = fmaxf(row_max[r], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet: exp2(-inf) = 0
+      scale_o[r] = sm90::exp2_approx(row_max[r] - m_use);
+      row_max[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pr = sm90::exp2_approx(fmaf(acc_s[4 * j + 2 * r + e], scale_log2, -m_use));
+          acc_s[4 * j + 2 * r + e] = pr;
+          sum += pr;
+        }
+      row_sum[r] = row_sum[r] * scale_o[r] + sum;  // per-thread partial; reduced across the quad at the end
+    }
+  }
+
+  static __device__ __forceinline__ void rescale_o(float (&acc_o)[kD / 2], const float (&scale_o)[2]) {
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {
+      acc_o[4 * j + 0] *= scale_o[0];
+      acc_o[4 * j + 1] *= scale_o[0];
+      acc_o[4 * j + 2] *= scale_o[1];
+      acc_o[4 * j + 3] *= scale_o[1];
+    }
+  }
+
+  // P as the A operand of the PV wgmma: 16 keys per k-step = 8-column blocks 2kk and 2kk + 1.
+  static __device__ __forceinline__ void pack_p(uint32_t (&p_frag)[kBlockN / 16][4], const float (&acc_s)[kBlockN / 2]) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) p_frag[kk][r] = pack2<T>(acc_s[8 * kk + 2 * r], acc_s[8 * kk + 2 * r + 1]);
+  }
+};
+
 }  // namespace fa3
 
 template <typename Tr>
@@ -89,7 +183,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   uint64_t* bar_q = reinterpret_cast<uint64_t*>(smem + Tr::kBarrierOffset);
   uint64_t* bar_k = bar_q + 1;                      // K of stage s landed
   uint64_t* bar_v = bar_k + kStages;                // V of stage s landed
-  uint64_t* bar_empty = bar_v + kStages;            // both consumers are done with stage s
+  uint64_t* bar_k_free = bar_v + kStages;           // both consumers are done with K of stage s
+  uint64_t* bar_v_free = bar_k_free + kStages;      // ... with V of stage s
 
   // Flat grid: the last (for causal: heaviest) query tiles first; consecutive blocks are consecutive heads
   // of one batch, so the query heads of one GQA group read the same K/V tiles from L2 at about the same time.
@@ -112,7 +207,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&bar_k[s], 1);
       mbar_init(&bar_v[s], 1);
-      mbar_init(&bar_empty[s], Tr::kConsumers * 4);  // one arrive per consumer warp
+      mbar_init(&bar_k_free[s], Tr::kConsumers * 4);  // one arrive per consumer warp
+      mbar_init(&bar_v_free[s], Tr::kConsumers * 4);
     }
     mbar_fence_init();
   }
@@ -132,12 +228,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       for (int i = 0; i < n_count; ++i) {
         const int stage = i % kStages;
         const int n0 = (n_end - 1 - i) * kBlockN;
-        if (i >= kStages) mbar_wait(&bar_empty[stage], ((i / kStages) & 1) ^ 1);
+        // Use r of a stage waits for release r - 1 (completion r - 1 of its free barrier).
+        const uint32_t free_parity = ((i / kStages) & 1) ^ 1;
         char* k_dst = sK + stage * Tr::kKVBytes;
         char* v_dst = sV + stage * Tr::kKVBytes;
+        if (i >= kStages) mbar_wait(&bar_k_free[stage], free_parity);
         mbar_arrive_expect_tx(&bar_k[stage], Tr::kKVBytes);
 #pragma unroll
         for (int c = 0; c < kPanels; ++c) tma_load_4d(k_dst + c * Tr::kPanelKV, &tmap_k, &bar_k[stage], c * 64, n0, hk, b);
+        if (i >= kStages) mbar_wait(&bar_v_free[stage], free_parity);
         mbar_arrive_expect_tx(&bar_v[stage], Tr::kKVBytes);
 #pragma unroll
         for (int c = 0; c < kPanels; ++c) tma_load_4d(v_dst + c * Tr::kPanelKV, &tmap_v, &bar_v[stage], c * 64, n0, hk, b);
@@ -160,94 +259,82 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   float row_sum[2] = {0.f, 0.f};
 
   const uint32_t q_base = smem_addr(sQ) + cw * 64 * 128;
-  if (n_count > 0) mbar_wait(bar_q, 0);
+  const uint32_t k_smem = smem_addr(sK), v_smem = smem_addr(sV);
+  using C = fa3::Consumer<Tr>;
+  auto stage_of = [](int i) { return i % kStages; };
+  auto parity_of = [](int i) { return static_cast<uint32_t>((i / kStages) & 1); };
+  auto release = [&](uint64_t* bars, int i) {
+    if (lane == 0) mbar_arrive(&bars[stage_of(i)]);
+  };
+  // Ping-pong (Tr::kPingPong): the two consumers take turns issuing their GEMMs, so one warpgroup's softmax
+  // runs while the other's GEMMs occupy the tensor cores. Named barrier 1 + cw is "consumer cw may issue";
+  // consumer 0 goes first. Each of the n_count + 1 issue slots is bracketed by sched_wait / sched_pass; the
+  // last pass of consumer 1 is skipped so no arrive is left pending when the block exits.
+  auto sched_wait = [&] {
+    if constexpr (Tr::kPingPong) named_sync(1 + cw, 256);
+  };
+  auto sched_pass = [&](bool last) {
+    if constexpr (Tr::kPingPong)
+      if (!(last && cw == 1)) named_arrive(2 - cw, 256);
+  };
+  if (Tr::kPingPong && cw == 1 && n_count > 0) named_arrive(1, 256);
 
-  for (int i = 0; i < n_count; ++i) {
-    const int stage = i % kStages;
-    const uint32_t phase = (i / kStages) & 1;
-    const int n0 = (n_end - 1 - i) * kBlockN;
-    const uint32_t k_base = smem_addr(sK + stage * Tr::kKVBytes);
-    const uint32_t v_base = smem_addr(sV + stage * Tr::kKVBytes);
-
-    // S = Q K^T: D / 16 k-steps; a k-step is 32 bytes inside a 128-byte swizzle row of one panel.
-    float acc_s[kBlockN / 2];
-    mbar_wait(&bar_k[stage], phase);
+  // Software pipeline over K/V tiles i = 0 .. n_count - 1 (keys n0(i) = (n_end - 1 - i) * kBlockN, last
+  // tile first, so only the first tiles can need a mask). While the tensor cores run S(i) = Q K(i)^T and
+  // O += P(i-1) V(i-1), the warpgroup computes the softmax of S(i) as soon as S(i) is done: the PV GEMM of
+  // the previous tile overlaps it.
+  float acc_s[kBlockN / 2];
+  uint32_t p_frag[kBlockN / 16][4];
+  float scale_o[2];
+  if (n_count > 0) {
+    mbar_wait(bar_q, 0);
+    mbar_wait(&bar_k[0], 0);
+    sched_wait();
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t off = (kk % 4) * 32;
-      const uint64_t da = smem_desc_sw128(q_base + (kk / 4) * Tr::kPanelQ + off, 16, 1024);
-      const uint64_t db = smem_desc_sw128(k_base + (kk / 4) * Tr::kPanelKV + off, 16, 1024);
-      WgmmaSS<kBlockN, T, 0>::run(acc_s, da, db, kk > 0);
-    }
+    C::issue_qk(acc_s, q_base, k_smem);
     wgmma_commit();
+    sched_pass(false);
     wgmma_wait<0>();
     fence_regs(acc_s);
-
-    // Mask (only tiles that straddle a window edge or the end of the keys), then the online softmax.
-    if (!mask.tile_fully_visible(m0, m_end, n0, n0 + kBlockN)) {
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = n0 + 8 * j + 2 * t + e;
-          if (!mask.visible(row0, col)) acc_s[4 * j + e] = -INFINITY;
-          if (!mask.visible(row0 + 8, col)) acc_s[4 * j + 2 + e] = -INFINITY;
-        }
-    }
-    float scale_o[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[4 * j + 2 * r], acc_s[4 * j + 2 * r + 1]));
-      mx = fa3::quad_max(mx) * p.scale_log2;
-      const float m_new = fmaxf(row_max[r], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet: exp2(-inf) = 0
-      scale_o[r] = exp2_approx(row_max[r] - m_use);
-      row_max[r] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pr = exp2_approx(acc_s[4 * j + 2 * r + e] * p.scale_log2 - m_use);
-          acc_s[4 * j + 2 * r + e] = pr;
-          sum += pr;
-        }
-      row_sum[r] = row_sum[r] * scale_o[r] + sum;     // per-thread partial; reduced across the quad at the end
-    }
-#pragma unroll
-    for (int j = 0; j < kD / 8; ++j) {
-      acc_o[4 * j + 0] *= scale_o[0];
-      acc_o[4 * j + 1] *= scale_o[0];
-      acc_o[4 * j + 2] *= scale_o[1];
-      acc_o[4 * j + 3] *= scale_o[1];
-    }
-
-    // O += P V: P (64 x kBlockN) from registers, V (kBlockN keys x D) MN-major in shared memory: a 16-key
-    // k-step is 2 atoms of 8 key rows (sbo = 1024), the D columns span kPanels panels (lbo = panel bytes).
-    // P is packed to 16 bits before the fence, so no register the wgmma reads is written after it.
-    uint32_t p_frag[kBlockN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) p_frag[kk][r] = fa3::pack2<T>(acc_s[8 * kk + 2 * r], acc_s[8 * kk + 2 * r + 1]);
-    mbar_wait(&bar_v[stage], phase);
+    release(bar_k_free, 0);
+    const int n0 = (n_end - 1) * kBlockN;
+    C::softmax(acc_s, row_max, row_sum, scale_o, mask, !mask.tile_fully_visible(m0, m_end, n0, n0 + kBlockN), row0,
+               n0, t, p.scale_log2);
+    C::pack_p(p_frag, acc_s);
+  }
+  for (int i = 1; i < n_count; ++i) {
+    const int n0 = (n_end - 1 - i) * kBlockN;
+    mbar_wait(&bar_k[stage_of(i)], parity_of(i));
+    mbar_wait(&bar_v[stage_of(i - 1)], parity_of(i - 1));
+    sched_wait();
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-#ifdef FAE_FA3_V_SWAP_LBO
-      const uint64_t dv = smem_desc_sw128(v_base + kk * 16 * 128, 1024, Tr::kPanelKV);
-#else
-      const uint64_t dv = smem_desc_sw128(v_base + kk * 16 * 128, Tr::kPanelKV, 1024);
-#endif
-      WgmmaRS<kD, T, 1>::run(acc_o, p_frag[kk], dv, 1);
-    }
+    C::issue_qk(acc_s, q_base, k_smem + stage_of(i) * Tr::kKVBytes);
     wgmma_commit();
+    C::issue_pv(acc_o, p_frag, v_smem + stage_of(i - 1) * Tr::kKVBytes);
+    wgmma_commit();
+    sched_pass(false);
+    wgmma_wait<1>();  // S(i) done; PV(i-1) may still run
+    fence_regs(acc_s);
+    release(bar_k_free, i);
+    C::softmax(acc_s, row_max, row_sum, scale_o, mask, !mask.tile_fully_visible(m0, m_end, n0, n0 + kBlockN), row0,
+               n0, t, p.scale_log2);
+    wgmma_wait<0>();  // PV(i-1) done: O and p_frag may be rewritten, V(i-1) released
+    fence_regs(acc_o);
+    release(bar_v_free, i - 1);
+    C::rescale_o(acc_o, scale_o);
+    C::pack_p(p_frag, acc_s);
+  }
+  if (n_count > 0) {
+    const int last = n_count - 1;
+    mbar_wait(&bar_v[stage_of(last)], parity_of(last));
+    sched_wait();
+    wgmma_fence();
+    C::issue_pv(acc_o, p_frag, v_smem + stage_of(last) * Tr::kKVBytes);
+    wgmma_commit();
+    sched_pass(true);
     wgmma_wait<0>();
     fence_regs(acc_o);
-    if (lane == 0) mbar_arrive(&bar_empty[stage]);
+    release(bar_v_free, last);
   }
 
   // Epilogue: normalise, write O (rows < seqlen_q) and lse.
