@@ -42,12 +42,12 @@ struct Fa3FwdTraits {
   static constexpr int kKVBytes = kPanelKV * kPanels;
   // Q | K stages | V stages | mbarriers, after aligning the base to the 1024-byte swizzle atom.
   static constexpr int kBarrierOffset = kQBytes + 2 * kStages * kKVBytes;
-  static constexpr int kSmemBytes = kBarrierOffset + 8 * (1 + 4 * kStages) + 1024;
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * (2 + 4 * kStages) + 1024;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
 #ifdef FAE_FA3_PINGPONG
   static constexpr bool kPingPong = FAE_FA3_PINGPONG;
 #else
-  static constexpr bool kPingPong = false;
+  static constexpr bool kPingPong = true;  // measured: +2-16% over issuing freely (bench/NOTES.md)
 #endif
   static_assert(kHeadDim % 64 == 0, "the Hopper forward takes head dims that are multiples of 64");
   static_assert(kSmemBytes <= 227 * 1024, "tile does not fit in shared memory");
@@ -165,10 +165,36 @@ struct Consumer {
 
 }  // namespace fa3
 
+// Which (query tile, batch, head) a persistent block works on at its n-th step, and the key tiles it visits.
+// Tiles are numbered with the last (for causal: heaviest) query tiles first, so a static stride over the
+// numbering hands out the longest work first; consecutive numbers are consecutive heads of one batch, so the
+// query heads of one GQA group read the same K/V tiles from L2 at about the same time.
+template <typename Tr>
+struct Fa3Tile {
+  int m_block, b, h, m0, m_end, n_end, n_count;
+
+  __device__ __forceinline__ Fa3Tile(const FwdParams& p, const WindowMask& mask, int tile, int num_m_blocks) {
+    const int bh_count = p.batch * p.heads_q;
+    m_block = num_m_blocks - 1 - tile / bh_count;
+    const int bh = tile % bh_count;
+    b = bh / p.heads_q;
+    h = bh % p.heads_q;
+    m0 = m_block * Tr::kBlockM;
+    m_end = min(m0 + Tr::kBlockM, p.seqlen_q);
+    const int key_begin = mask.key_begin(m0), key_end = mask.key_end(m_end);
+    const int n_begin = key_begin / Tr::kBlockN;
+    n_end = key_end > key_begin ? (key_end + Tr::kBlockN - 1) / Tr::kBlockN : n_begin;
+    n_count = n_end - n_begin;
+  }
+  // Key tile visited at step i of this tile: the last one first, so only the first steps can need a mask.
+  __device__ __forceinline__ int n0(int i) const { return (n_end - 1 - i) * Tr::kBlockN; }
+};
+
 template <typename Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     fa3_fwd_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ CUtensorMap tmap_q,
-                   const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_v) {
+                   const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_v,
+                   int num_tiles) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
   using T = typename Tr::T;
@@ -181,65 +207,64 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   char* sK = sQ + Tr::kQBytes;                      // stage s at sK + s * kKVBytes
   char* sV = sK + kStages * Tr::kKVBytes;
   uint64_t* bar_q = reinterpret_cast<uint64_t*>(smem + Tr::kBarrierOffset);
-  uint64_t* bar_k = bar_q + 1;                      // K of stage s landed
+  uint64_t* bar_q_free = bar_q + 1;                 // both consumers are done reading Q
+  uint64_t* bar_k = bar_q_free + 1;                 // K of stage s landed
   uint64_t* bar_v = bar_k + kStages;                // V of stage s landed
   uint64_t* bar_k_free = bar_v + kStages;           // both consumers are done with K of stage s
   uint64_t* bar_v_free = bar_k_free + kStages;      // ... with V of stage s
 
-  // Flat grid: the last (for causal: heaviest) query tiles first; consecutive blocks are consecutive heads
-  // of one batch, so the query heads of one GQA group read the same K/V tiles from L2 at about the same time.
   const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int bh_count = p.batch * p.heads_q;
-  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x / bh_count);
-  const int bh = static_cast<int>(blockIdx.x % bh_count);
-  const int b = bh / p.heads_q, h = bh % p.heads_q, hk = h / p.head_group;
-  const int m0 = m_block * kBlockM;
-  const int m_end = min(m0 + kBlockM, p.seqlen_q);
-
   const WindowMask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
-  const int key_begin = mask.key_begin(m0), key_end = mask.key_end(m_end);
-  const int n_begin = key_begin / kBlockN;
-  const int n_end = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : n_begin;
-  const int n_count = n_end - n_begin;
 
   if (threadIdx.x == 0) {
     mbar_init(bar_q, 1);
+    mbar_init(bar_q_free, Tr::kConsumers * 4);     // one arrive per consumer warp
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&bar_k[s], 1);
       mbar_init(&bar_v[s], 1);
-      mbar_init(&bar_k_free[s], Tr::kConsumers * 4);  // one arrive per consumer warp
+      mbar_init(&bar_k_free[s], Tr::kConsumers * 4);
       mbar_init(&bar_v_free[s], Tr::kConsumers * 4);
     }
     mbar_fence_init();
   }
   __syncthreads();
 
+  // Phases run on across tiles: `it` counts K/V tiles (stage it % kStages, use it / kStages of that stage),
+  // `q_it` counts Q loads. Tiles with no visible key load nothing on either side.
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     // ---------------- producer ----------------
     regs_dealloc<Tr::kProducerRegs>();
-    if (threadIdx.x == 0 && n_count > 0) {
-      tma_prefetch_desc(&tmap_q);
-      tma_prefetch_desc(&tmap_k);
-      tma_prefetch_desc(&tmap_v);
+    if (threadIdx.x != 0) return;
+    tma_prefetch_desc(&tmap_q);
+    tma_prefetch_desc(&tmap_k);
+    tma_prefetch_desc(&tmap_v);
+    int it = 0, q_it = 0;
+    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+      const Fa3Tile<Tr> tl(p, mask, tile, num_m_blocks);
+      if (tl.n_count == 0) continue;
+      const int hk = tl.h / p.head_group;
+      if (q_it > 0) mbar_wait(bar_q_free, (q_it - 1) & 1);
       mbar_arrive_expect_tx(bar_q, Tr::kQBytes);
 #pragma unroll
-      for (int c = 0; c < kPanels; ++c) tma_load_4d(sQ + c * Tr::kPanelQ, &tmap_q, bar_q, c * 64, m0, h, b);
-      for (int i = 0; i < n_count; ++i) {
-        const int stage = i % kStages;
-        const int n0 = (n_end - 1 - i) * kBlockN;
+      for (int c = 0; c < kPanels; ++c) tma_load_4d(sQ + c * Tr::kPanelQ, &tmap_q, bar_q, c * 64, tl.m0, tl.h, tl.b);
+      ++q_it;
+      for (int i = 0; i < tl.n_count; ++i, ++it) {
+        const int stage = it % kStages;
         // Use r of a stage waits for release r - 1 (completion r - 1 of its free barrier).
-        const uint32_t free_parity = ((i / kStages) & 1) ^ 1;
+        const uint32_t free_parity = ((it / kStages) & 1) ^ 1;
         char* k_dst = sK + stage * Tr::kKVBytes;
         char* v_dst = sV + stage * Tr::kKVBytes;
-        if (i >= kStages) mbar_wait(&bar_k_free[stage], free_parity);
+        if (it >= kStages) mbar_wait(&bar_k_free[stage], free_parity);
         mbar_arrive_expect_tx(&bar_k[stage], Tr::kKVBytes);
 #pragma unroll
-        for (int c = 0; c < kPanels; ++c) tma_load_4d(k_dst + c * Tr::kPanelKV, &tmap_k, &bar_k[stage], c * 64, n0, hk, b);
-        if (i >= kStages) mbar_wait(&bar_v_free[stage], free_parity);
+        for (int c = 0; c < kPanels; ++c)
+          tma_load_4d(k_dst + c * Tr::kPanelKV, &tmap_k, &bar_k[stage], c * 64, tl.n0(i), hk, tl.b);
+        if (it >= kStages) mbar_wait(&bar_v_free[stage], free_parity);
         mbar_arrive_expect_tx(&bar_v[stage], Tr::kKVBytes);
 #pragma unroll
-        for (int c = 0; c < kPanels; ++c) tma_load_4d(v_dst + c * Tr::kPanelKV, &tmap_v, &bar_v[stage], c * 64, n0, hk, b);
+        for (int c = 0; c < kPanels; ++c)
+          tma_load_4d(v_dst + c * Tr::kPanelKV, &tmap_v, &bar_v[stage], c * 64, tl.n0(i), hk, tl.b);
       }
     }
     return;
@@ -247,113 +272,119 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   // ---------------- consumers ----------------
   regs_alloc<Tr::kConsumerRegs>();
-  const int cw = warpgroup - 1;                        // consumer index: query rows [64 cw, 64 cw + 64)
+  const int cw = warpgroup - 1;                        // consumer index: query rows [64 cw, 64 cw + 64) of a tile
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int row0 = m0 + cw * 64 + warp * 16 + g;       // this thread's rows: row0 and row0 + 8
-
-  float acc_o[kD / 2];
-#pragma unroll
-  for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};           // log2 domain (scores * scale * log2 e)
-  float row_sum[2] = {0.f, 0.f};
-
   const uint32_t q_base = smem_addr(sQ) + cw * 64 * 128;
   const uint32_t k_smem = smem_addr(sK), v_smem = smem_addr(sV);
   using C = fa3::Consumer<Tr>;
-  auto stage_of = [](int i) { return i % kStages; };
-  auto parity_of = [](int i) { return static_cast<uint32_t>((i / kStages) & 1); };
-  auto release = [&](uint64_t* bars, int i) {
-    if (lane == 0) mbar_arrive(&bars[stage_of(i)]);
+  auto stage_of = [](int it) { return it % kStages; };
+  auto parity_of = [](int it) { return static_cast<uint32_t>((it / kStages) & 1); };
+  auto release = [&](uint64_t* bar) {
+    if (lane == 0) mbar_arrive(bar);
   };
   // Ping-pong (Tr::kPingPong): the two consumers take turns issuing their GEMMs, so one warpgroup's softmax
   // runs while the other's GEMMs occupy the tensor cores. Named barrier 1 + cw is "consumer cw may issue";
-  // consumer 0 goes first. Each of the n_count + 1 issue slots is bracketed by sched_wait / sched_pass; the
-  // last pass of consumer 1 is skipped so no arrive is left pending when the block exits.
+  // consumer 0 goes first (consumer 1's opening pass) and consumes consumer 1's closing pass at exit, so no
+  // arrive is left pending.
   auto sched_wait = [&] {
     if constexpr (Tr::kPingPong) named_sync(1 + cw, 256);
   };
-  auto sched_pass = [&](bool last) {
-    if constexpr (Tr::kPingPong)
-      if (!(last && cw == 1)) named_arrive(2 - cw, 256);
+  auto sched_pass = [&] {
+    if constexpr (Tr::kPingPong) named_arrive(2 - cw, 256);
   };
-  if (Tr::kPingPong && cw == 1 && n_count > 0) named_arrive(1, 256);
+  if (cw == 1) sched_pass();
 
-  // Software pipeline over K/V tiles i = 0 .. n_count - 1 (keys n0(i) = (n_end - 1 - i) * kBlockN, last
-  // tile first, so only the first tiles can need a mask). While the tensor cores run S(i) = Q K(i)^T and
-  // O += P(i-1) V(i-1), the warpgroup computes the softmax of S(i) as soon as S(i) is done: the PV GEMM of
-  // the previous tile overlaps it.
-  float acc_s[kBlockN / 2];
-  uint32_t p_frag[kBlockN / 16][4];
-  float scale_o[2];
-  if (n_count > 0) {
-    mbar_wait(bar_q, 0);
-    mbar_wait(&bar_k[0], 0);
-    sched_wait();
-    wgmma_fence();
-    C::issue_qk(acc_s, q_base, k_smem);
-    wgmma_commit();
-    sched_pass(false);
-    wgmma_wait<0>();
-    fence_regs(acc_s);
-    release(bar_k_free, 0);
-    const int n0 = (n_end - 1) * kBlockN;
-    C::softmax(acc_s, row_max, row_sum, scale_o, mask, !mask.tile_fully_visible(m0, m_end, n0, n0 + kBlockN), row0,
-               n0, t, p.scale_log2);
-    C::pack_p(p_frag, acc_s);
-  }
-  for (int i = 1; i < n_count; ++i) {
-    const int n0 = (n_end - 1 - i) * kBlockN;
-    mbar_wait(&bar_k[stage_of(i)], parity_of(i));
-    mbar_wait(&bar_v[stage_of(i - 1)], parity_of(i - 1));
-    sched_wait();
-    wgmma_fence();
-    C::issue_qk(acc_s, q_base, k_smem + stage_of(i) * Tr::kKVBytes);
-    wgmma_commit();
-    C::issue_pv(acc_o, p_frag, v_smem + stage_of(i - 1) * Tr::kKVBytes);
-    wgmma_commit();
-    sched_pass(false);
-    wgmma_wait<1>();  // S(i) done; PV(i-1) may still run
-    fence_regs(acc_s);
-    release(bar_k_free, i);
-    C::softmax(acc_s, row_max, row_sum, scale_o, mask, !mask.tile_fully_visible(m0, m_end, n0, n0 + kBlockN), row0,
-               n0, t, p.scale_log2);
-    wgmma_wait<0>();  // PV(i-1) done: O and p_frag may be rewritten, V(i-1) released
-    fence_regs(acc_o);
-    release(bar_v_free, i - 1);
-    C::rescale_o(acc_o, scale_o);
-    C::pack_p(p_frag, acc_s);
-  }
-  if (n_count > 0) {
-    const int last = n_count - 1;
-    mbar_wait(&bar_v[stage_of(last)], parity_of(last));
-    sched_wait();
-    wgmma_fence();
-    C::issue_pv(acc_o, p_frag, v_smem + stage_of(last) * Tr::kKVBytes);
-    wgmma_commit();
-    sched_pass(true);
-    wgmma_wait<0>();
-    fence_regs(acc_o);
-    release(bar_v_free, last);
-  }
+  int it = 0, q_it = 0;
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const Fa3Tile<Tr> tl(p, mask, tile, num_m_blocks);
+    const int row0 = tl.m0 + cw * 64 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
+    auto needs_mask = [&](int i) { return !mask.tile_fully_visible(tl.m0, tl.m_end, tl.n0(i), tl.n0(i) + kBlockN); };
 
-  // Epilogue: normalise, write O (rows < seqlen_q) and lse.
-  T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
-  float* lse = p.lse + (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q;
+    float acc_o[kD / 2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float sum = fa3::quad_sum(row_sum[r]);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const int row = row0 + 8 * r;
-    if (row < p.seqlen_q) {
-      T* orow = o + static_cast<int64_t>(row) * p.o_row_stride;
+    for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY};         // log2 domain (scores * scale * log2 e)
+    float row_sum[2] = {0.f, 0.f};
+
+    // Software pipeline over the tile's K/V tiles: while the tensor cores run S(i) = Q K(i)^T and
+    // O += P(i-1) V(i-1), the warpgroup computes the softmax of S(i) as soon as S(i) is done, overlapping
+    // the PV GEMM of the previous tile.
+    float acc_s[kBlockN / 2];
+    uint32_t p_frag[kBlockN / 16][4];
+    float scale_o[2];
+    const int n = tl.n_count;
+    if (n > 0) {
+      mbar_wait(bar_q, q_it & 1);
+      mbar_wait(&bar_k[stage_of(it)], parity_of(it));
+      sched_wait();
+      wgmma_fence();
+      C::issue_qk(acc_s, q_base, k_smem + stage_of(it) * Tr::kKVBytes);
+      wgmma_commit();
+      sched_pass();
+      wgmma_wait<0>();
+      fence_regs(acc_s);
+      release(&bar_k_free[stage_of(it)]);
+      if (n == 1) release(bar_q_free);
+      C::softmax(acc_s, row_max, row_sum, scale_o, mask, needs_mask(0), row0, tl.n0(0), t, p.scale_log2);
+      C::pack_p(p_frag, acc_s);
+    }
+    for (int i = 1; i < n; ++i) {
+      const int cur = it + i, prev = it + i - 1;
+      mbar_wait(&bar_k[stage_of(cur)], parity_of(cur));
+      mbar_wait(&bar_v[stage_of(prev)], parity_of(prev));
+      sched_wait();
+      wgmma_fence();
+      C::issue_qk(acc_s, q_base, k_smem + stage_of(cur) * Tr::kKVBytes);
+      wgmma_commit();
+      C::issue_pv(acc_o, p_frag, v_smem + stage_of(prev) * Tr::kKVBytes);
+      wgmma_commit();
+      sched_pass();
+      wgmma_wait<1>();  // S(i) done; PV(i-1) may still run
+      fence_regs(acc_s);
+      release(&bar_k_free[stage_of(cur)]);
+      if (i == n - 1) release(bar_q_free);
+      C::softmax(acc_s, row_max, row_sum, scale_o, mask, needs_mask(i), row0, tl.n0(i), t, p.scale_log2);
+      wgmma_wait<0>();  // PV(i-1) done: O and p_frag may be rewritten, V(i-1) released
+      fence_regs(acc_o);
+      release(&bar_v_free[stage_of(prev)]);
+      C::rescale_o(acc_o, scale_o);
+      C::pack_p(p_frag, acc_s);
+    }
+    if (n > 0) {
+      const int last = it + n - 1;
+      mbar_wait(&bar_v[stage_of(last)], parity_of(last));
+      sched_wait();
+      wgmma_fence();
+      C::issue_pv(acc_o, p_frag, v_smem + stage_of(last) * Tr::kKVBytes);
+      wgmma_commit();
+      sched_pass();
+      wgmma_wait<0>();
+      fence_regs(acc_o);
+      release(&bar_v_free[stage_of(last)]);
+      it += n;
+      ++q_it;
+    }
+
+    // Epilogue: normalise, write O (rows < seqlen_q) and lse. The producer is already loading the next tile.
+    T* o = static_cast<T*>(p.o) + tl.b * p.o_batch_stride + tl.h * p.o_head_stride;
+    float* lse = p.lse + (static_cast<int64_t>(tl.b) * p.heads_q + tl.h) * p.seqlen_q;
 #pragma unroll
-      for (int j = 0; j < kD / 8; ++j)
-        *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
-            fa3::pack2<T>(acc_o[4 * j + 2 * r] * inv, acc_o[4 * j + 2 * r + 1] * inv);
-      if (t == 0) lse[row] = sum > 0.f ? (row_max[r] + __log2f(sum)) * 0.69314718055994530942f : -INFINITY;
+    for (int r = 0; r < 2; ++r) {
+      const float sum = fa3::quad_sum(row_sum[r]);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const int row = row0 + 8 * r;
+      if (row < p.seqlen_q) {
+        T* orow = o + static_cast<int64_t>(row) * p.o_row_stride;
+#pragma unroll
+        for (int j = 0; j < kD / 8; ++j)
+          *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
+              fa3::pack2<T>(acc_o[4 * j + 2 * r] * inv, acc_o[4 * j + 2 * r + 1] * inv);
+        if (t == 0) lse[row] = sum > 0.f ? (row_max[r] + __log2f(sum)) * 0.69314718055994530942f : -INFINITY;
+      }
     }
   }
+  if (cw == 0) sched_wait();
 #endif
 }
 
