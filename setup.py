@@ -91,7 +91,7 @@ def make_extension():
         sys.exit(f"flashattn_ext: FLASHATTN_EXT_HEAD_DIMS has unsupported {bad}; choose from {ALL_HEAD_DIMS}")
 
     csrc = ROOT / "csrc"
-    sources = [csrc / "bindings.cpp", *sorted((csrc / "api").glob("*.cpp"))]
+    sources = sorted((csrc / "host").glob("*.cpp"))
     for cu in sorted((csrc / "instantiations").glob("*.cu")):
         dim = int(re.search(r"hdim(\d+)", cu.name).group(1))
         if dim in head_dims:

@@ -6,7 +6,7 @@ One new token per sequence (Sq = 1), GQA Hq32/Hkv8, D128, bf16, batch x context 
 Ours reads a paged cache (pages assigned in a random order) through the block table, for each page size, and
 the same keys stored contiguously (B, Hkv, L, D); the SDPA peers read the contiguous copy with enable_gqa.
 TB/s counts the K and V bytes a step must read (2 * B * Hkv * L * D * 2). Ours is timed through the raw op
-(flashattn_ext._ops_kvcache.kvcache_fwd, automatic num_splits, a preallocated DecodeWorkspace): the public
+(flashattn_ext._ops.kvcache_fwd, automatic num_splits, a preallocated DecodeWorkspace): the public
 attention_with_kvcache adds value validation that reads cache_seqlens on the host (a sync per call) unless the
 step runs inside a CUDA graph. Writes decode_results.json / .csv / decode_tbps.png into --out (default $OUT,
 else bench/results).
@@ -104,10 +104,10 @@ class Ops:
 
     def __init__(self):
         import flashattn_ext
-        from flashattn_ext import _ops_kvcache
-        if not _ops_kvcache.HAS_KVCACHE_OP:
+        from flashattn_ext import _ops
+        if not _ops.HAS_KVCACHE_OP:
             raise SystemExit(f"flashattn_ext._C has no kvcache_fwd op (build_info: {flashattn_ext.build_info()})")
-        self.raw = _ops_kvcache.kvcache_fwd
+        self.raw = _ops.kvcache_fwd
         self.DecodeWorkspace = flashattn_ext.DecodeWorkspace
         self.info = flashattn_ext.build_info()
 

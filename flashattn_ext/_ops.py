@@ -1,8 +1,11 @@
-"""Loads the compiled extension and gives its ops a Python face (fake impls, thin call wrappers).
+"""The op table: loads the compiled extension and gives every op a Python face (fake impl, raw wrapper).
 
-Importing ``flashattn_ext._C`` runs its TORCH_LIBRARY block, which defines ``torch.ops.flashattn_ext.*``.
-The package must still import without it (CPU reference path, docs, tests), so a missing or broken
-extension only disables the CUDA path.
+Importing ``flashattn_ext._C`` runs its TORCH_LIBRARY block (csrc/host/ops.cpp), which defines
+``torch.ops.flashattn_ext.{fwd, bwd, kvcache_fwd, merge_states}`` and registers fwd's autograd (in C++, so a call
+that needs no gradient runs no Python kernel). ``fwd`` and ``bwd`` serve every kernel family: their ``algorithm``
+argument ("auto", "fa2", "fa1", "fa3") is resolved in C++ with the device's compute capability. The package
+must still import without the extension (CPU reference path, docs, tests), so a missing or broken extension only
+disables the CUDA path.
 """
 import importlib
 import warnings
@@ -11,6 +14,7 @@ import torch
 
 # Head dims the kernels are instantiated for when the extension cannot tell us (not built yet).
 DEFAULT_HEAD_DIMS = (32, 64, 96, 128, 256)
+ALGORITHMS = ("auto", "fa2", "fa1", "fa3")
 
 _IMPORT_ERROR = None
 try:
@@ -24,6 +28,15 @@ except ImportError as e:
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 HAS_CUDA_EXT = _C is not None
+
+
+def _has_op(name):
+    return HAS_CUDA_EXT and hasattr(torch.ops.flashattn_ext, name)
+
+
+HAS_BWD = _has_op("bwd")
+HAS_KVCACHE_OP = _has_op("kvcache_fwd")  # defined when head dim 64 or 128 is compiled in
+HAS_MERGE_OP = _has_op("merge_states")
 
 
 def build_info() -> dict:
@@ -48,66 +61,60 @@ def build_info() -> dict:
 SUPPORTED_HEAD_DIMS = tuple(int(d) for d in (build_info().get("head_dims") or DEFAULT_HEAD_DIMS))
 
 
-def _fwd_fake(q, k, v, scale, window_left, window_right, deterministic=False):
-    # Must mirror the CUDA op exactly (opcheck compares strides): it also uses empty_like, which keeps q's
-    # strides when q is dense and otherwise makes dense strides in q's dim order; lse is contiguous fp32.
+# ---- fake impls: output metadata exactly as the CUDA ops allocate it (opcheck compares strides) ------------
+
+def _fwd_fake(q, k, v, scale, window_left, window_right, deterministic=False, algorithm="auto"):
+    # out = torch.empty_like(q): q's strides when q is dense, otherwise dense in q's dim order; lse contiguous fp32.
     out = torch.empty_like(q)
     lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
     return out, lse
 
 
-def _bwd_fake(dout, q, k, v, out, lse, scale, window_left, window_right, deterministic, dlse=None):
-    # The CUDA op allocates each gradient with empty_like of its input.
+def _bwd_fake(dout, q, k, v, out, lse, scale, window_left, window_right, deterministic, dlse=None,
+              algorithm="auto"):
+    # Each gradient is empty_like of its input, for every family.
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, scale, window_left, window_right = inputs[:6]
-    ctx.deterministic = bool(inputs[6]) if len(inputs) > 6 else False
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale, ctx.window = scale, (window_left, window_right)
+def _kvcache_fwd_fake(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale, window_left,
+                      window_right, num_splits, workspace):
+    out = torch.empty_like(q)
+    lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
+    return out, lse
 
 
-def _fwd_backward(ctx, grad_out, grad_lse):
-    # The backward needs only (q, k, v, out, lse) (any forward that saved them could reuse it). grad_lse is
-    # folded into Delta by the kernel (d lse / d scores = P), so attention(..., return_lse=True) is fully
-    # differentiable.
-    q, k, v, out, lse = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.flashattn_ext.bwd.default(grad_out, q, k, v, out, lse, ctx.scale, ctx.window[0],
-                                                     ctx.window[1], ctx.deterministic, grad_lse)
-    return (dq, dk, dv) + (None,) * (len(ctx.needs_input_grad) - 3)
+def _merge_states_fake(o_a, lse_a, o_b, lse_b):
+    return o_a.new_empty(o_a.shape), lse_a.new_empty(lse_a.shape, dtype=torch.float32)
 
 
-if HAS_CUDA_EXT:
-    torch.library.register_fake("flashattn_ext::fwd")(_fwd_fake)
-    if hasattr(torch.ops.flashattn_ext, "bwd"):  # an extension built before the backward existed still imports
-        torch.library.register_fake("flashattn_ext::bwd")(_bwd_fake)
-        # Autograd on the op itself (not an autograd.Function around it), so torch.compile(fullgraph=True)
-        # traces forward and backward as two custom ops.
-        torch.library.register_autograd("flashattn_ext::fwd", _fwd_backward, setup_context=_fwd_setup_context)
-
-HAS_BWD = HAS_CUDA_EXT and hasattr(torch.ops.flashattn_ext, "bwd")
+for _name, _fake in (("fwd", _fwd_fake), ("bwd", _bwd_fake), ("kvcache_fwd", _kvcache_fwd_fake),
+                     ("merge_states", _merge_states_fake)):
+    if _has_op(_name):  # an extension built without an op (e.g. no decode head dim) still imports
+        torch.library.register_fake(f"flashattn_ext::{_name}")(_fake)
 
 
-def fwd(q, k, v, scale, window_left, window_right, deterministic=False):
-    """Raw forward op: no argument checks beyond the C++ TORCH_CHECKs; use flashattn_ext.attention.
-    ``deterministic`` only selects the backward (bitwise reproducible dQ, no atomics)."""
+# ---- raw wrappers: C++ checks only; use flashattn_ext.attention / attention_with_kvcache / merge_states ----
+
+def fwd(q, k, v, scale, window_left, window_right, deterministic=False, algorithm="auto"):
+    """Forward of every family. ``deterministic`` only selects the backward (bitwise reproducible dQ)."""
     return torch.ops.flashattn_ext.fwd.default(q, k, v, float(scale), int(window_left), int(window_right),
-                                               bool(deterministic))
+                                               bool(deterministic), algorithm)
 
 
-def bwd(dout, q, k, v, out, lse, scale, window_left, window_right, deterministic=False, dlse=None):
-    """Raw backward op: (dq, dk, dv) of fwd; autograd calls it through fwd's registered backward."""
+def bwd(dout, q, k, v, out, lse, scale, window_left, window_right, deterministic=False, dlse=None,
+        algorithm="auto"):
+    """(dq, dk, dv) of fwd; autograd calls it through fwd's registered backward."""
     return torch.ops.flashattn_ext.bwd.default(dout, q, k, v, out, lse, float(scale), int(window_left),
-                                               int(window_right), bool(deterministic), dlse)
+                                               int(window_right), bool(deterministic), dlse, algorithm)
 
 
-def fa1_fwd(q, k, v, scale, window_left, window_right):
-    """Raw FlashAttention-1 forward op (kept for comparison with FA2); use attention(..., algorithm="fa1")."""
-    return torch.ops.flashattn_ext.fa1_fwd.default(q, k, v, float(scale), int(window_left), int(window_right))
+def kvcache_fwd(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale, window_left, window_right,
+                num_splits=0, workspace=None):
+    """Attention against a KV cache: C++ checks of shapes, dtypes and layouts; no value checks."""
+    return torch.ops.flashattn_ext.kvcache_fwd.default(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new,
+                                                       float(scale), int(window_left), int(window_right),
+                                                       int(num_splits), workspace)
 
 
-from . import _ops_fa1  # noqa: E402,F401  registers fa1_fwd's fake impl; needs _C set above
+def merge_states(o_a, lse_a, o_b, lse_b):
+    return torch.ops.flashattn_ext.merge_states.default(o_a, lse_a, o_b, lse_b)

@@ -1,4 +1,5 @@
-"""The public attention() entry point: validate, pick a path, handle empty inputs without a launch."""
+"""The public attention() entry point: CUDA tensors go straight to the fwd op (checked in C++), everything else
+is validated here and runs the pure-PyTorch reference."""
 import torch
 
 from . import _ops, validate
@@ -19,14 +20,17 @@ def kernel_window(causal, window, seqlen_q, seqlen_k):
     return left, right
 
 
-ALGORITHMS = ("auto", "fa2", "fa1")
+def resolve_algorithm(algorithm="auto", device=None):
+    """The kernel family ``attention(..., algorithm=algorithm)`` runs on CUDA ``device``.
 
-
-def resolve_algorithm(algorithm="auto"):
-    """The kernel ``attention(..., algorithm=algorithm)`` runs on CUDA. The rule for "auto" is fixed and
-    documented: FlashAttention-2, measured faster than FA1 on every benchmarked shape (README, "FA1 vs FA2")."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    The choice is made in C++ (csrc/host/dispatch.cpp) from the device's compute capability; this asks it. In
+    this build "auto" is FlashAttention-2 on every GPU (measured faster than FA1 on every benchmarked shape,
+    README "FA1 vs FA2"), and that is the answer without a CUDA device or a built extension.
+    """
+    validate.check_algorithm(algorithm)
+    if device is not None and _ops.HAS_CUDA_EXT and torch.device(device).type == "cuda":
+        index = torch.device(device).index
+        return _ops._C.resolve_algorithm(algorithm, torch.cuda.current_device() if index is None else index)
     return "fa2" if algorithm == "auto" else algorithm
 
 
@@ -44,10 +48,12 @@ def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -
             query rows see no key at all: their output is 0 and their lse is -inf.
         scale: softmax scale, default ``1 / sqrt(D)``; any finite positive float.
         return_lse: also return the log-sum-exp of each row.
-        algorithm: "auto" (= "fa2", see ``resolve_algorithm``), "fa2" (FlashAttention-2: query tiles across
-            blocks, K/V loop inside, split-Q warps) or "fa1" (FlashAttention-1 as published: one block per
-            (batch, head), K/V-outer / Q-inner loops, O, m, l round-tripped through global memory, split-K
-            warps reduced through shared memory; forward only). Same results either way; CPU ignores it.
+        algorithm: "auto" (the family C++ picks for the GPU, see ``resolve_algorithm``; FA2 in this build),
+            "fa2" (FlashAttention-2: query tiles across blocks, K/V loop inside, split-Q warps), "fa1"
+            (FlashAttention-1 as published: one block per (batch, head), K/V-outer / Q-inner loops, O, m, l
+            round-tripped through global memory, split-K warps reduced through shared memory; its own backward,
+            Algorithm 4) or "fa3" (Hopper wgmma/TMA; raises ValueError where it is not built). Same results
+            either way; CPU ignores it.
         window: ``(left, right)`` sliding window in key positions around ``p``; query ``i`` sees key ``j``
             iff ``(left < 0 or j >= p - left) and (right < 0 or j <= p + right)``; ``-1`` = unbounded.
             ``causal=True`` sets ``right = 0`` (or ``min(right, 0)`` when given), so ``causal=True,
@@ -74,26 +80,23 @@ def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -
         keys, -inf for a row that sees no key.
 
     Empty inputs (B, Hq, Sq or Sk == 0) return empty / all-zero outputs without launching a kernel.
-    Bad arguments raise TypeError / ValueError naming the argument, before any kernel runs.
+    Bad arguments raise TypeError / ValueError naming the argument, before any kernel runs (on CUDA the op's C++
+    checks raise them, so raw-op and torch.compile callers see the same errors). No call synchronises with the
+    GPU.
     """
+    if _ops.HAS_CUDA_EXT and isinstance(q, torch.Tensor) and q.is_cuda:
+        # The hot path: the op checks tensors (shapes, dtypes, layout, device, head dim) in C++ with the same
+        # errors as validate.py, picks the kernel family, and handles empty inputs. Python checks only the
+        # arguments the op cannot see as given (None scale, the window tuple, causal, bools).
+        scale, left, right = validate.scalar_args(q, causal, scale, window, return_lse, deterministic, algorithm)
+        out, lse = torch.ops.flashattn_ext.fwd.default(q, k, v, scale, left, right, deterministic, algorithm)
+        return (out, lse) if return_lse else out
+
     scale = validate.validate_attention_args(q, k, v, causal, scale, window, return_lse)
     validate.check_bool(deterministic, "deterministic")
-    algorithm = resolve_algorithm(algorithm)
-    B, Hq, Sq, _ = q.shape
-    Sk = k.shape[2]
-    left, right = kernel_window(causal, window, Sq, Sk)
-
-    if q.device.type == "cpu":
-        ref, lse = attention_reference(q, k, v, scale=scale, window=(left, right), return_lse=True)
-        out = torch.empty_like(q).copy_(ref)  # same layout contract as the CUDA op; copy_ is differentiable
-    elif (q.numel() == 0 or Sk == 0) and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        out = torch.zeros_like(q)  # a row with no key: output 0, lse -inf (and nothing to launch)
-        lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device)
-    else:
-        # Empty inputs that need grads come here too: the ops handle them without a launch, and autograd
-        # gets a graph (all-zero gradients).
-        if algorithm == "fa1":
-            out, lse = _ops.fa1_fwd(q, k, v, scale, left, right)
-        else:
-            out, lse = _ops.fwd(q, k, v, scale, left, right, deterministic)
+    validate.check_algorithm(algorithm)
+    # Only CPU tensors get here: CUDA ones without the extension were refused by validate_attention_args.
+    left, right = kernel_window(causal, window, q.shape[2], k.shape[2])
+    ref, lse = attention_reference(q, k, v, scale=scale, window=(left, right), return_lse=True)
+    out = torch.empty_like(q).copy_(ref)  # same layout contract as the CUDA op; copy_ is differentiable
     return (out, lse) if return_lse else out

@@ -8,7 +8,7 @@ import numbers
 
 import torch
 
-from . import _ops, _ops_kvcache, validate
+from . import _ops, validate
 from .reference import attention_reference, effective_window
 
 DECODE_HEAD_DIMS = (64, 128)  # instantiated for decode (csrc/instantiations/decode_*)
@@ -212,7 +212,7 @@ def validate_kvcache_args(q, k_cache, v_cache, cache_seqlens, block_table, k_new
         raise TypeError(f"workspace must be a DecodeWorkspace (or a float32 CUDA tensor), got {type(workspace).__name__}")
     if cuda:
         validate.check_cuda_runtime(dev)
-        if not _ops_kvcache.HAS_KVCACHE_OP:
+        if not _ops.HAS_KVCACHE_OP:
             raise RuntimeError("attention_with_kvcache: this build of flashattn_ext._C has no kvcache_fwd op "
                                "(rebuild with head dim 64 or 128); CPU tensors use the reference path")
         dims = decode_head_dims()
@@ -311,7 +311,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
         if cache_seqlens.numel() > 1 and cache_seqlens.stride(0) != 1:
             cache_seqlens = cache_seqlens.contiguous()
         ws = workspace.buffer if isinstance(workspace, DecodeWorkspace) else workspace
-        out, lse = _ops_kvcache.kvcache_fwd(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale,
+        out, lse = _ops.kvcache_fwd(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale,
                                             left, right, num_splits, ws)
     return (out, lse) if return_lse else out
 
@@ -338,9 +338,9 @@ def merge_states(o_a, lse_a, o_b, lse_b):
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
         if t.dtype != torch.float32 or tuple(t.shape) != want:
             raise ValueError(f"{name} must be float32 of shape {want}, got {t.dtype} {tuple(t.shape)}")
-    if (o_a.device.type == "cuda" and _ops_kvcache.HAS_MERGE_OP
+    if (o_a.device.type == "cuda" and _ops.HAS_MERGE_OP
             and o_a.dtype in (torch.float32, torch.float16, torch.bfloat16)):
-        return _ops_kvcache.merge_states(o_a, lse_a, o_b, lse_b)
+        return _ops.merge_states(o_a, lse_a, o_b, lse_b)
     return merge_states_reference(o_a, lse_a, o_b, lse_b)
 
 

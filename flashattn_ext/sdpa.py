@@ -96,10 +96,6 @@ def _is_positive_finite(x):
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-def _backward_available():
-    return _ops.HAS_CUDA_EXT and hasattr(torch.ops.flashattn_ext, "bwd")
-
-
 def runtime_fallback(q, k, v, scale):
     """None if ``attention(q, k, v, scale=scale, ...)`` accepts these tensors (any causal/window), else
     ``(reason, detail)``. Shared by ``sdpa`` and the transformers integration. GQA divisibility is checked here;
@@ -145,16 +141,8 @@ def runtime_fallback(q, k, v, scale):
         validate.check_cuda_layout(q, k, v)
     except ValueError as e:
         return "layout", str(e)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        # hasattr: the backward op may not be built; check_grad_supported: attention() may still refuse.
-        check = getattr(validate, "check_grad_supported", None)
-        try:
-            if not _backward_available():
-                raise RuntimeError("torch.ops.flashattn_ext has no bwd op")
-            if check is not None:
-                check(q, k, v)
-        except RuntimeError as e:
-            return "grad", str(e)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and not _ops.HAS_BWD:
+        return "grad", "torch.ops.flashattn_ext has no bwd op"
     return None
 
 

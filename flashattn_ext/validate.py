@@ -1,8 +1,9 @@
-"""Every argument check of flashattn_ext.attention, in one place, run before any kernel.
+"""Argument checks of flashattn_ext.attention, run before any kernel.
 
 Errors are TypeError (wrong kind of object / dtype) or ValueError (wrong value / shape / layout), and each
-message starts with the argument it is about, so users can act on it without reading C++ TORCH_CHECKs.
-The functions are also called directly by the tests (e.g. the CUDA layout checks on CPU tensors).
+message starts with the argument it is about. CUDA tensors are checked by the fwd op itself
+(csrc/host/checks.h, same messages), so attention() on CUDA runs only ``scalar_args`` here; the full set below
+serves the CPU path, sdpa's fallback decisions and the tests (e.g. the CUDA layout rules on CPU tensors).
 """
 import math
 import numbers
@@ -76,6 +77,35 @@ def check_dtypes(q, k, v, cuda):
             raise TypeError(
                 f"{name}.dtype ({_dtype_name(t.dtype)}) must equal q.dtype ({_dtype_name(q.dtype)})"
             )
+
+
+def check_algorithm(algorithm):
+    if algorithm not in _ops.ALGORITHMS:  # the C++ op checks the same on CUDA
+        raise ValueError(f"algorithm must be one of {_ops.ALGORITHMS}, got {algorithm!r}")
+
+
+def scalar_args(q, causal, scale, window, return_lse, deterministic, algorithm):
+    """The CUDA hot path's only Python checks: the arguments the op receives converted (scale None -> 1/sqrt(D),
+    causal folded into the window, which the op takes as two ints). Returns ``(scale, left, right)``. The common
+    case (bools, a tuple of two ints, a float or None) costs a few type tests; anything else takes the full
+    checks for their error messages."""
+    if type(causal) is not bool or type(return_lse) is not bool or type(deterministic) is not bool:
+        check_bool(causal, "causal")
+        check_bool(return_lse, "return_lse")
+        check_bool(deterministic, "deterministic")
+    if type(algorithm) is not str:
+        check_algorithm(algorithm)  # the op checks the name itself
+    if not (type(window) is tuple and len(window) == 2 and type(window[0]) is int and type(window[1]) is int
+            and window[0] >= -1 and window[1] >= -1):
+        check_window(window)
+    left, right = int(window[0]), int(window[1])
+    if causal:
+        right = 0  # causal: no key right of the query position (min(right, 0) when a window is given)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif type(scale) is not float:
+        scale = check_scale(scale, q.shape[-1])
+    return scale, left, right  # the op checks that scale is finite and positive
 
 
 def check_bool(value, name):

@@ -1,4 +1,5 @@
-"""FlashAttention-1 backward (torch.ops.flashattn_ext.fa1_bwd, reached through autograd of fa1_fwd) against the
+"""FlashAttention-1 backward (torch.ops.flashattn_ext.bwd with algorithm="fa1", reached through autograd of
+fwd(algorithm="fa1")) against the
 float64 reference with autograd. Rule: max|dX - dX_ref64| <= 3 * max|dX_lowp - dX_ref64| + 1e-4, where lowp is
 the reference computed in the input dtype (upcast=False). Skipped without a CUDA GPU (cc >= 8.0) and a built
 extension."""
@@ -7,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-import flashattn_ext._ops_fa1  # noqa: F401  (fake impls and autograd of fa1_fwd)
+import flashattn_ext  # noqa: F401  (loads the ops, their fake impls and fwd's autograd)
 from flashattn_ext import build_info
 from flashattn_ext.api import kernel_window
 from flashattn_ext.reference import attention_reference, visible_mask
@@ -32,9 +33,9 @@ def leaves(*ts):
 
 
 def fa1_grads(q, k, v, dout, left, right, dlse=None):
-    """(dq, dk, dv) of fa1_fwd through autograd; also returns (out, lse)."""
+    """(dq, dk, dv) of fwd(algorithm="fa1") through autograd; also returns (out, lse)."""
     ql, kl, vl = leaves(q, k, v)
-    out, lse = torch.ops.flashattn_ext.fa1_fwd(ql, kl, vl, q.shape[-1] ** -0.5, left, right)
+    out, lse = torch.ops.flashattn_ext.fwd(ql, kl, vl, q.shape[-1] ** -0.5, left, right, False, "fa1")
     outs, grads = [out], [dout]
     if dlse is not None:
         outs.append(lse)
@@ -157,9 +158,9 @@ def test_fa1_bwd_noncontiguous_dout(kind):
         dout = base[:, :, :1].expand(B, H, Sq, D)
     assert torch.equal(dout, dout.contiguous()) and not dout.is_contiguous()
     scale = D**-0.5
-    out, lse = torch.ops.flashattn_ext.fa1_fwd(q, k, v, scale, -1, 0)
-    got = torch.ops.flashattn_ext.fa1_bwd(dout, q, k, v, out, lse, scale, -1, 0)
-    want = torch.ops.flashattn_ext.fa1_bwd(dout.contiguous(), q, k, v, out, lse, scale, -1, 0)
+    out, lse = torch.ops.flashattn_ext.fwd(q, k, v, scale, -1, 0, False, "fa1")
+    got = torch.ops.flashattn_ext.bwd(dout, q, k, v, out, lse, scale, -1, 0, False, None, "fa1")
+    want = torch.ops.flashattn_ext.bwd(dout.contiguous(), q, k, v, out, lse, scale, -1, 0, False, None, "fa1")
     for g, w in zip(got, want):  # MHA: no atomics anywhere, so bitwise equal
         assert torch.equal(g, w)
     grads, _ = fa1_grads(q, k, v, dout, -1, 0)  # and through autograd, against the reference
@@ -170,8 +171,9 @@ def test_fa1_bwd_noncontiguous_dout(kind):
 def test_fa1_bwd_output_layout():
     need_head_dim(D_DEFAULT)
     q, k, v = make_qkv(2, 8, 2, 97, 130, D_DEFAULT, BF16, DEVICE, "bshd")
-    out, lse = torch.ops.flashattn_ext.fa1_fwd(q, k, v, 0.1, -1, -1)
-    dq, dk, dv = torch.ops.flashattn_ext.fa1_bwd(torch.randn_like(out), q, k, v, out, lse, 0.1, -1, -1)
+    out, lse = torch.ops.flashattn_ext.fwd(q, k, v, 0.1, -1, -1, False, "fa1")
+    dq, dk, dv = torch.ops.flashattn_ext.bwd(torch.randn_like(out), q, k, v, out, lse, 0.1, -1, -1, False, None,
+                                             "fa1")
     for g, t in zip((dq, dk, dv), (q, k, v)):
         assert g.dtype == t.dtype and g.shape == t.shape and g.stride() == torch.empty_like(t).stride()
 
@@ -183,9 +185,9 @@ def test_fa1_bwd_reproducible(group):
     need_head_dim(D_DEFAULT)
     q, k, v = make_qkv(2, 8, 8 // group, 257, 257, D_DEFAULT, BF16, DEVICE, "bhsd", seed=3)
     dout = torch.randn_like(q)
-    out, lse = torch.ops.flashattn_ext.fa1_fwd(q, k, v, 0.1, -1, 0)
-    a = torch.ops.flashattn_ext.fa1_bwd(dout, q, k, v, out, lse, 0.1, -1, 0)
-    b = torch.ops.flashattn_ext.fa1_bwd(dout, q, k, v, out, lse, 0.1, -1, 0)
+    out, lse = torch.ops.flashattn_ext.fwd(q, k, v, 0.1, -1, 0, False, "fa1")
+    a = torch.ops.flashattn_ext.bwd(dout, q, k, v, out, lse, 0.1, -1, 0, False, None, "fa1")
+    b = torch.ops.flashattn_ext.bwd(dout, q, k, v, out, lse, 0.1, -1, 0, False, None, "fa1")
     assert torch.equal(a[0], b[0])
     if group == 1:
         assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
@@ -228,14 +230,15 @@ def test_fa1_bwd_opcheck():
     q, k, v = make_qkv(2, 4, 2, 97, 130, D_DEFAULT, FP16, DEVICE, "bshd")
     q, k, v = leaves(q, k, v)
     for window in [(-1, -1), (-1, 0), (16, 4)]:
-        result = torch.library.opcheck(torch.ops.flashattn_ext.fa1_fwd.default, (q, k, v, 0.125, *window),
+        result = torch.library.opcheck(torch.ops.flashattn_ext.fwd.default, (q, k, v, 0.125, *window, False, "fa1"),
                                        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
         assert set(result.values()) == {"SUCCESS"}, result
     with torch.no_grad():
-        out, lse = torch.ops.flashattn_ext.fa1_fwd(q, k, v, 0.125, -1, 0)
+        out, lse = torch.ops.flashattn_ext.fwd(q, k, v, 0.125, -1, 0, False, "fa1")
     dout = torch.randn_like(out)
     for dlse in (None, torch.randn_like(lse)):
-        result = torch.library.opcheck(torch.ops.flashattn_ext.fa1_bwd.default,
-                                       (dout, q.detach(), k.detach(), v.detach(), out, lse, 0.125, -1, 0, dlse),
+        result = torch.library.opcheck(torch.ops.flashattn_ext.bwd.default,
+                                       (dout, q.detach(), k.detach(), v.detach(), out, lse, 0.125, -1, 0, False, dlse,
+                                        "fa1"),
                                        test_utils=("test_schema", "test_faketensor"))
         assert set(result.values()) == {"SUCCESS"}, result

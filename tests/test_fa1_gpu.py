@@ -1,12 +1,12 @@
-"""FlashAttention-1 forward (torch.ops.flashattn_ext.fa1_fwd) against the float64 reference (flash-attn's 2x rule)
-and against the FA2 forward: same semantics (bottom-right masks, GQA, strides, odd sizes, empty rows).
+"""FlashAttention-1 forward (torch.ops.flashattn_ext.fwd with algorithm="fa1") against the float64 reference
+(flash-attn's 2x rule) and against the FA2 forward: same semantics (bottom-right masks, GQA, strides, odd sizes, empty rows).
 Skipped without a GPU of compute capability >= 8.0 and a built extension."""
 import zlib
 
 import pytest
 import torch
 
-import flashattn_ext._ops_fa1  # noqa: F401  (registers the fake impl that opcheck needs)
+import flashattn_ext  # noqa: F401  (loads the ops and their fake impls)
 from flashattn_ext import build_info
 from flashattn_ext.api import kernel_window
 from flashattn_ext.reference import visible_mask
@@ -26,14 +26,14 @@ def need_head_dim(D):
 
 
 def check_fa1(q, k, v, causal=False, window=(-1, -1)):
-    """fa1_fwd on (q, k, v): contract checks, 2x rule vs float64, lse, empty rows, and agreement with FA2."""
+    """fwd(algorithm="fa1") on (q, k, v): contract checks, 2x rule vs float64, lse, empty rows, and agreement with FA2."""
     need_head_dim(q.shape[-1])
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
     scale = D**-0.5
     left, right = kernel_window(causal, window, Sq, Sk)
     with torch.no_grad():
-        out, lse = torch.ops.flashattn_ext.fa1_fwd(q, k, v, scale, left, right)
+        out, lse = torch.ops.flashattn_ext.fwd(q, k, v, scale, left, right, False, "fa1")
         out2, lse2 = torch.ops.flashattn_ext.fwd(q, k, v, scale, left, right)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride() == torch.empty_like(q).stride()
     assert lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32 and lse.is_contiguous()
@@ -107,7 +107,7 @@ def test_fa1_no_keys():
     need_head_dim(D_DEFAULT)
     q = torch.randn(2, 4, 9, D_DEFAULT, device=DEVICE, dtype=BF16)
     k = torch.randn(2, 2, 0, D_DEFAULT, device=DEVICE, dtype=BF16)
-    out, lse = torch.ops.flashattn_ext.fa1_fwd(q, k, k, 0.1, -1, -1)
+    out, lse = torch.ops.flashattn_ext.fwd(q, k, k, 0.1, -1, -1, False, "fa1")
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
 
 
@@ -115,6 +115,7 @@ def test_fa1_opcheck():
     need_head_dim(D_DEFAULT)
     q, k, v = make_qkv(2, 4, 2, 97, 130, D_DEFAULT, FP16, DEVICE, "bshd")
     for window in [(-1, -1), (-1, 0), (16, 4)]:
-        result = torch.library.opcheck(torch.ops.flashattn_ext.fa1_fwd.default, (q, k, v, 0.125, *window),
+        result = torch.library.opcheck(torch.ops.flashattn_ext.fwd.default,
+                                       (q, k, v, 0.125, *window, False, "fa1"),
                                        test_utils=("test_schema", "test_faketensor"))
         assert set(result.values()) == {"SUCCESS"}, result

@@ -289,7 +289,7 @@ def test_cpu_merge_states_errors():
 
 @pytest.mark.requires_ext
 def test_kvcache_ops_fake_impls():
-    if not flashattn_ext._ops_kvcache.HAS_KVCACHE_OP:
+    if not flashattn_ext._ops.HAS_KVCACHE_OP:
         pytest.skip("flashattn_ext._C was built without the kvcache ops (rebuild)")
     q = torch.empty(2, 8, 3, 128, device="meta", dtype=BF16)
     kc = torch.empty(10, 16, 2, 128, device="meta", dtype=BF16)

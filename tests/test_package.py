@@ -11,9 +11,10 @@ from flashattn_ext.reference import attention_reference
 from flashattn_ext.testing import make_qkv
 
 CONTRACT_SCHEMA = ("flashattn_ext::fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, "
-                   "int window_right, bool deterministic=False) -> (Tensor, Tensor)")
+                   "int window_right, bool deterministic=False, str algorithm=\"auto\") -> (Tensor, Tensor)")
 BWD_SCHEMA = ("flashattn_ext::bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
-              "int window_left, int window_right, bool deterministic, Tensor? dlse=None) -> (Tensor, Tensor, Tensor)")
+              "int window_left, int window_right, bool deterministic, Tensor? dlse=None, str algorithm=\"auto\") "
+              "-> (Tensor, Tensor, Tensor)")
 
 
 def test_public_names():
@@ -80,7 +81,7 @@ def cpu_twin_op():
     lib = torch.library.Library("flashattn_ext_cputwin", "DEF")
     lib.define(CONTRACT_SCHEMA.split("::", 1)[1])
 
-    def cpu_impl(q, k, v, scale, window_left, window_right):
+    def cpu_impl(q, k, v, scale, window_left, window_right, deterministic=False, algorithm="auto"):
         ref, lse = attention_reference(q, k, v, scale=scale, window=(window_left, window_right), return_lse=True)
         return torch.empty_like(q).copy_(ref), lse
 

@@ -1,4 +1,4 @@
-// Kernel parameter structs: plain data, int64 strides, no Tensor. Filled by csrc/api/*.cpp.
+// Kernel parameter structs: plain data, int64 strides, no Tensor. Filled by csrc/host/*.cpp.
 #pragma once
 #include <cstdint>
 
@@ -35,43 +35,34 @@ struct Fa1FwdParams : FwdParams {
   float* __restrict__ l;      // (batch, heads_q, seqlen_q) contiguous, running sum of exp2(score - m)
 };
 
-// Backward. Inherits q/k/v, o (the forward output, read here), lse (saved by the forward), scale and window.
+// Backward, every family. Inherits q/k/v, o (the forward output, read here), lse (saved by the forward), scale
+// and window; adds dO, dlse and the gradients (one set of fields for FA2 and FA1).
 struct BwdParams : FwdParams {
   const void* __restrict__ dout;  // dO, same shape as o, any strides (multiples of 8 elements, last dim contiguous)
   int64_t do_batch_stride, do_head_stride, do_row_stride;
   void* __restrict__ dq;
-  void* __restrict__ dk;
+  void* __restrict__ dk;  // FA1 with GQA: written by the host op from dk_accum instead
   void* __restrict__ dv;
   int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
   int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
   int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
   const float* __restrict__ dlse;  // optional gradient of lse, (batch, heads_q, seqlen_q) contiguous; may be null
-  // Written by the preprocess kernel, (batch, heads_q, seqlen_q_rounded) contiguous; rows past seqlen_q are
-  // padding (delta 0, lse_log2 +inf) so the main kernels load whole tiles without bounds checks.
+  // FA2: (batch, heads_q, seqlen_q_rounded, head_dim) fp32, unscaled dQ; null if deterministic.
+  // FA1: (batch, heads_q, seqlen_q, head_dim) fp32, unscaled dQ between K/V tiles.
+  float* __restrict__ dq_accum;
+  // FA2 only. Written by the preprocess kernel, (batch, heads_q, seqlen_q_rounded) contiguous; rows past seqlen_q
+  // are padding (delta 0, lse_log2 +inf) so the main kernels load whole tiles without bounds checks.
   float* __restrict__ dsoftmax_sum;  // Delta_i = rowsum(dO_i * O_i) - dlse_i
   float* __restrict__ lse_log2;      // lse * log2(e); +inf for rows that see no key, so P = exp2(s - lse) = 0
-  float* __restrict__ dq_accum;      // (batch, heads_q, seqlen_q_rounded, head_dim) fp32, unscaled dQ; null if
-                                     // deterministic
   int seqlen_q_rounded;              // multiple of kBwdSeqRound
   bool deterministic;
 };
 
-// Padding of the per-row backward buffers: a multiple of every backward kernel's query tile.
+// Padding of the per-row FA2 backward buffers: a multiple of every backward kernel's query tile.
 constexpr int kBwdSeqRound = 128;
 
-// FlashAttention-1 backward (Algorithm 4). Inherits q/k/v, o (forward output, read for D_i = rowsum(dO * O)),
-// lse (saved by the forward, natural log), scale and window. No padded buffers: every row buffer is seqlen_q long.
-struct Fa1BwdParams : FwdParams {
-  const void* __restrict__ dout;  // dO, o's shape, any strides (multiples of 8 elements, last dim contiguous)
-  int64_t do_batch_stride, do_head_stride, do_row_stride;
-  const float* __restrict__ dlse;  // optional gradient of lse, (batch, heads_q, seqlen_q) contiguous; may be null
-  void* __restrict__ dq;
-  void* __restrict__ dk;  // written directly when dk_accum is null (no GQA)
-  void* __restrict__ dv;
-  int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
-  int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
-  int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
-  float* __restrict__ dq_accum;  // (batch, heads_q, seqlen_q, head_dim) fp32: unscaled dQ between K/V tiles
+// FlashAttention-1 backward (Algorithm 4). No padded buffers: every row buffer is seqlen_q long.
+struct Fa1BwdParams : BwdParams {
   // GQA only (else null): (batch, heads_kv, seqlen_k, head_dim) fp32, zeroed; each query head's block adds its
   // scaled dK / dV here with atomics, the host op converts to dk / dv.
   float* __restrict__ dk_accum;

@@ -65,6 +65,12 @@
     }                                                                                           \
   }()
 
+// The decode kernels (csrc/decode) are instantiated for head dims 64 and 128 only; without both, the kvcache_fwd
+// and merge_states ops are not defined.
+#if !(defined(FAE_NO_HDIM64) && defined(FAE_NO_HDIM128))
+#define FAE_HAS_DECODE 1
+#endif
+
 namespace fae {
 // Head dims compiled into this build, for build_info() and validation.
 inline std::vector<int> compiled_head_dims() {

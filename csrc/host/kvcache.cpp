@@ -1,17 +1,17 @@
 // flashattn_ext::kvcache_fwd (attention against a paged or contiguous KV cache, with optional append of new
-// tokens) and flashattn_ext::merge_states. Registered here (TORCH_LIBRARY_FRAGMENT) so bindings.cpp stays
-// untouched. Python's flashattn_ext/kvcache.py validates arguments (and, when not capturing a CUDA graph, the
-// values of cache_seqlens and block_table) first; these checks are the last line of defence and never read
-// device memory, so the op can be captured in a CUDA graph.
+// tokens) and flashattn_ext::merge_states (schemas in ops.cpp). No check here reads device memory, so the ops can
+// be captured in a CUDA graph and never synchronise: the values of cache_seqlens and block_table are clamped by
+// the kernels (csrc/decode), and flashattn_ext/kvcache.py checks them on the host only when asked
+// (check_values=True) or for CPU tensors.
 //
 // Only head dims 64 and 128 are instantiated for decode (csrc/instantiations/decode_*); with neither in the
 // build, the ops are not defined and Python falls back / raises.
-#if !(defined(FAE_NO_HDIM64) && defined(FAE_NO_HDIM128))
+#include "../include/switch.h"
+#ifdef FAE_HAS_DECODE
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 #include <cuda_runtime_api.h>
 #include <algorithm>
 #include <cmath>
@@ -19,8 +19,8 @@
 #include <type_traits>
 #include <vector>
 #include "../include/params.h"
-#include "../include/switch.h"
-#include "api_common.h"
+#include "checks.h"
+#include "ops.h"
 
 namespace fae {
 
@@ -45,8 +45,8 @@ void decode_hdim_switch(int64_t D, F&& f) {
 #ifndef FAE_NO_HDIM128
   if (D == 128) return f(std::integral_constant<int, 128>{});
 #endif
-  TORCH_CHECK(false, "flashattn_ext: attention_with_kvcache supports head dims 64 and 128 (as compiled into this "
-              "build), got ", num(D));
+  TORCH_CHECK_VALUE(false, "head dim ", num(D), " is not supported by the CUDA decode kernels; supported: 64 and "
+                    "128 (as compiled into this build)");
 }
 
 // Split count for num_splits = 0, from shapes only (the real lengths live on the device). FlashAttention's
@@ -69,10 +69,14 @@ int64_t auto_num_splits(int64_t base_blocks, int64_t capacity, int64_t wave) {
   return 1;
 }
 
-void check_same(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "flashattn_ext: ", name, " dtype ", t.scalar_type(),
-              " must equal q's ", q.scalar_type());
-  TORCH_CHECK(t.device() == q.device(), "flashattn_ext: ", name, " must be on q's device");
+// A CUDA operand of the decode kernels: q's dtype and device, 4-D, rows loadable with 16-byte cp.async.
+void check_cache_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(t.device() == q.device(), name, " is on ", t.device().str(), " but q is on ", q.device().str(),
+                    "; all tensors must be on one device");
+  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D, got shape ", shape(t.sizes()));
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), name, ".dtype (", dtype_name(t.scalar_type()),
+                   ") must equal q.dtype (", dtype_name(q.scalar_type()), ")");
+  check_row_layout(t, name);
 }
 
 }  // namespace
@@ -84,54 +88,59 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& v_new, double scale,
                                                int64_t window_left, int64_t window_right, int64_t num_splits,
                                                const std::optional<at::Tensor>& workspace) {
-  check_attn_tensor(q, "q");
-  check_attn_tensor(k_cache, "k_cache");
-  check_attn_tensor(v_cache, "v_cache");
-  check_same(k_cache, q, "k_cache");
-  check_same(v_cache, q, "v_cache");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "flashattn_ext: k_cache and v_cache must have the same shape");
+  TORCH_CHECK_VALUE(q.is_cuda(), "q must be a CUDA tensor, got one on ", q.device().str());
+  check_cache_operand(q, "q", q);
+  check_kernel_dtype(q, "q", q);
+  check_device_arch(q);
+  check_cache_operand(k_cache, "k_cache", q);
+  check_cache_operand(v_cache, "v_cache", q);
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must be 4-D and of one shape, got ",
+                    shape(k_cache.sizes()), " and ", shape(v_cache.sizes()));
   check_scale_and_window(scale, window_left, window_right);
-  TORCH_CHECK(num_splits >= 0 && num_splits <= kMaxSplits, "flashattn_ext: num_splits must be in [0, ", num(kMaxSplits),
-              "], got ", num(num_splits));
+  TORCH_CHECK_VALUE(num_splits >= 0 && num_splits <= kMaxSplits, "num_splits must be in [0, ", num(kMaxSplits),
+                    "] (0 = automatic), got ", num(num_splits));
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
   const bool paged = block_table.has_value();
   const int64_t Hkv = paged ? k_cache.size(2) : k_cache.size(1);
-  TORCH_CHECK(k_cache.size(3) == D, "flashattn_ext: k_cache head dim ", num(k_cache.size(3)), " != q head dim ", num(D));
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "flashattn_ext: q heads ", num(Hq), " must be a multiple of cache kv heads ", num(Hkv));
-  TORCH_CHECK(cache_seqlens.is_cuda() && cache_seqlens.device() == q.device() &&
-                  cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
-                  (B <= 1 || cache_seqlens.stride(0) == 1),
-              "flashattn_ext: cache_seqlens must be a contiguous int32 (batch,) tensor on q's device");
+  TORCH_CHECK_VALUE(k_cache.size(3) == D, "k_cache head_dim ", num(k_cache.size(3)), " must equal q head_dim ", num(D));
+  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, "q heads Hq=", num(Hq), " must be a multiple of the cache's kv heads Hkv=",
+                    num(Hkv));
+  TORCH_CHECK_VALUE(cache_seqlens.device() == q.device() && cache_seqlens.scalar_type() == at::kInt &&
+                        cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B && (B <= 1 || cache_seqlens.stride(0) == 1),
+                    "cache_seqlens must be a contiguous int32 tensor of shape (batch,) = (", num(B), ",) on q's device, "
+                    "got ", dtype_name(cache_seqlens.scalar_type()), " ", shape(cache_seqlens.sizes()), " on ",
+                    cache_seqlens.device().str());
   int64_t num_pages, page_size, max_pages;
   if (paged) {
     const at::Tensor& bt = *block_table;
-    TORCH_CHECK(bt.is_cuda() && bt.device() == q.device() && bt.scalar_type() == at::kInt && bt.dim() == 2 &&
-                    bt.size(0) == B && (bt.size(1) <= 1 || bt.stride(1) == 1),
-                "flashattn_ext: block_table must be an int32 (batch, max_pages) tensor on q's device with a "
-                "contiguous last dim");
+    TORCH_CHECK_VALUE(bt.device() == q.device() && bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.size(0) == B &&
+                          (bt.size(1) <= 1 || bt.stride(1) == 1),
+                      "block_table must be int32 (batch=", num(B), ", max_pages) on q's device with a contiguous last "
+                      "dim, got ", dtype_name(bt.scalar_type()), " ", shape(bt.sizes()), " on ", bt.device().str());
     num_pages = k_cache.size(0);
     page_size = k_cache.size(1);
     max_pages = bt.size(1);
-    TORCH_CHECK(page_size > 0, "flashattn_ext: page_size must be >= 1");
+    TORCH_CHECK_VALUE(page_size > 0 && num_pages > 0, "paged k_cache (num_pages, page_size, kv_heads, head_dim) has "
+                      "shape ", shape(k_cache.sizes()), ": need num_pages >= 1 and page_size >= 1");
   } else {
-    TORCH_CHECK(k_cache.size(0) == B, "flashattn_ext: contiguous k_cache batch ", num(k_cache.size(0)), " != q batch ", num(B));
+    TORCH_CHECK_VALUE(k_cache.size(0) == B, "contiguous k_cache (batch, kv_heads, max_seqlen, head_dim) has batch ",
+                      num(k_cache.size(0)), " but q has ", num(B), " (a paged cache needs block_table)");
     num_pages = B;
     page_size = std::max<int64_t>(k_cache.size(2), 1);
     max_pages = k_cache.size(2) > 0 ? 1 : 0;
   }
   const int64_t int_max = std::numeric_limits<int>::max();
-  TORCH_CHECK(max_pages * page_size < int_max && num_pages < int_max && Sq * Hq < int_max && B * Hq < int_max,
-              "flashattn_ext: sizes exceed the 32-bit index range");
-  TORCH_CHECK(k_new.has_value() == v_new.has_value(), "flashattn_ext: k_new and v_new must be given together");
+  TORCH_CHECK_VALUE(max_pages * page_size < int_max && num_pages < int_max && Sq * Hq < int_max && B * Hq < int_max,
+                    "cache capacity and batch * heads * seqlen must be < 2**31 - 1");
+  TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), "k_new and v_new must be given together");
   int64_t seqlen_new = 0;
   if (k_new.has_value()) {
-    check_attn_tensor(*k_new, "k_new");
-    check_attn_tensor(*v_new, "v_new");
-    check_same(*k_new, q, "k_new");
-    check_same(*v_new, q, "v_new");
+    check_cache_operand(*k_new, "k_new", q);
+    check_cache_operand(*v_new, "v_new", q);
     const std::vector<int64_t> want{B, Hkv, Sq, D};
-    TORCH_CHECK(k_new->sizes() == at::IntArrayRef(want) && v_new->sizes() == at::IntArrayRef(want),
-                "flashattn_ext: k_new and v_new must be (batch, kv heads, q seqlen, head_dim) = ", shape(at::IntArrayRef(want)));
+    TORCH_CHECK_VALUE(k_new->sizes() == at::IntArrayRef(want) && v_new->sizes() == at::IntArrayRef(want),
+                      "k_new and v_new must be (batch, kv_heads, q seqlen, head_dim) = ", shape(at::IntArrayRef(want)),
+                      ", got ", shape(k_new->sizes()), " and ", shape(v_new->sizes()));
     seqlen_new = Sq;
   }
   const c10::cuda::CUDAGuard guard(q.device());
@@ -176,9 +185,9 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
   p.seqlen_q = static_cast<int>(Sq);
   p.head_dim = static_cast<int>(D);
   fill_output_params(p, out, lse, scale);
-  constexpr int64_t kWindowCap = int64_t(1) << 30;  // masks nothing beyond any int32 position
-  p.window_left = static_cast<int>(std::min(window_left, kWindowCap));
-  p.window_right = static_cast<int>(std::min(window_right, kWindowCap));
+  // A row sees at most capacity + seqlen_new keys (lengths are clamped to the capacity on the device).
+  p.window_left = window_bound(window_left, max_pages * page_size + seqlen_new);
+  p.window_right = window_bound(window_right, Sq);
   p.num_m_blocks = static_cast<int>((Sq * (Hq / Hkv) + kDecodeBlockM - 1) / kDecodeBlockM);
 
   FAE_DTYPE_SWITCH(q.scalar_type(), T, [&] {
@@ -204,10 +213,10 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
           ws = *workspace;
           TORCH_CHECK(ws.is_cuda() && ws.device() == q.device() && ws.scalar_type() == at::kFloat &&
                           ws.is_contiguous() && reinterpret_cast<uintptr_t>(ws.data_ptr()) % 16 == 0,
-                      "flashattn_ext: workspace must be a contiguous, 16-byte aligned float32 tensor on q's device");
+                      "workspace must be a contiguous, 16-byte aligned float32 tensor on q's device");
           const int64_t fit = ws.numel() / per_split;
           if (num_splits > 0)
-            TORCH_CHECK(fit >= splits, "flashattn_ext: workspace has ", num(ws.numel()), " floats; num_splits=", num(splits),
+            TORCH_CHECK(fit >= splits, "workspace has ", num(ws.numel()), " floats; num_splits=", num(splits),
                         " needs ", num(splits * per_split));
           splits = std::min(splits, fit);  // auto: as many splits as the workspace holds
         }
@@ -227,19 +236,23 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
 
 std::tuple<at::Tensor, at::Tensor> merge_states(const at::Tensor& o_a, const at::Tensor& lse_a, const at::Tensor& o_b,
                                                 const at::Tensor& lse_b) {
-  for (const at::Tensor* t : {&o_a, &lse_a, &o_b, &lse_b})
-    TORCH_CHECK(t->is_cuda() && t->device() == o_a.device(), "flashattn_ext: merge_states inputs must be CUDA "
-                "tensors on one device");
-  TORCH_CHECK(o_a.dim() == 4 && o_a.sizes() == o_b.sizes(), "flashattn_ext: o_a and o_b must be (batch, heads, "
-              "seqlen, head_dim) of one shape");
-  TORCH_CHECK(o_a.scalar_type() == o_b.scalar_type(), "flashattn_ext: o_a and o_b must have one dtype");
+  const char* names[] = {"o_a", "lse_a", "o_b", "lse_b"};
+  const at::Tensor* tensors[] = {&o_a, &lse_a, &o_b, &lse_b};
+  for (int i = 0; i < 4; ++i)
+    TORCH_CHECK_VALUE(tensors[i]->device() == o_a.device(), names[i], " is on ", tensors[i]->device().str(),
+                      " but o_a is on ", o_a.device().str());
+  TORCH_CHECK_VALUE(o_a.dim() == 4 && o_a.sizes() == o_b.sizes(), "o_a and o_b must be (batch, heads, seqlen, "
+                    "head_dim) of one shape, got ", shape(o_a.sizes()), " and ", shape(o_b.sizes()));
+  TORCH_CHECK_TYPE(o_a.scalar_type() == o_b.scalar_type(), "o_a and o_b must have one floating dtype, got ",
+                   dtype_name(o_a.scalar_type()), " and ", dtype_name(o_b.scalar_type()));
   const int64_t B = o_a.size(0), H = o_a.size(1), S = o_a.size(2), D = o_a.size(3);
   const std::vector<int64_t> lse_shape{B, H, S};
-  TORCH_CHECK(lse_a.sizes() == at::IntArrayRef(lse_shape) && lse_b.sizes() == at::IntArrayRef(lse_shape) &&
-                  lse_a.scalar_type() == at::kFloat && lse_b.scalar_type() == at::kFloat,
-              "flashattn_ext: lse_a and lse_b must be float32 (batch, heads, seqlen)");
-  TORCH_CHECK(B * H * S < std::numeric_limits<int>::max() && D < std::numeric_limits<int>::max(),
-              "flashattn_ext: merge_states sizes exceed the 32-bit index range");
+  for (int i : {1, 3})
+    TORCH_CHECK_VALUE(tensors[i]->sizes() == at::IntArrayRef(lse_shape) && tensors[i]->scalar_type() == at::kFloat,
+                      names[i], " must be float32 of shape ", shape(at::IntArrayRef(lse_shape)), ", got ",
+                      dtype_name(tensors[i]->scalar_type()), " ", shape(tensors[i]->sizes()));
+  TORCH_CHECK_VALUE(B * H * S < std::numeric_limits<int>::max() && D < std::numeric_limits<int>::max(),
+                    "merge_states: batch * heads * seqlen and head_dim must be < 2**31 - 1");
   const c10::cuda::CUDAGuard guard(o_a.device());
   at::Tensor o = at::empty(o_a.sizes(), o_a.options());
   at::Tensor lse = at::empty({B, H, S}, o_a.options().dtype(at::kFloat));
@@ -261,25 +274,12 @@ std::tuple<at::Tensor, at::Tensor> merge_states(const at::Tensor& o_a, const at:
     case at::kFloat: run_merge_states<float>(p, stream); break;
     case at::kHalf: run_merge_states<__half>(p, stream); break;
     case at::kBFloat16: run_merge_states<__nv_bfloat16>(p, stream); break;
-    default: TORCH_CHECK(false, "flashattn_ext: merge_states supports float32, float16 and bfloat16 on CUDA, got ",
-                         o_a.scalar_type());
+    default: TORCH_CHECK_TYPE(false, "o_a.dtype must be one of ['float32', 'float16', 'bfloat16'] on CUDA, got ",
+                              dtype_name(o_a.scalar_type()));
   }
   return {o, lse};
 }
 
 }  // namespace fae
 
-TORCH_LIBRARY_FRAGMENT(flashattn_ext, m) {
-  // k_cache / v_cache are written (k_new appended at cache_seqlens) and workspace is scratch: both marked mutable.
-  m.def(
-      "kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? block_table, "
-      "Tensor? k_new, Tensor? v_new, float scale, int window_left, int window_right, int num_splits, "
-      "Tensor(c!)? workspace) -> (Tensor, Tensor)");
-  m.def("merge_states(Tensor o_a, Tensor lse_a, Tensor o_b, Tensor lse_b) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(flashattn_ext, CUDA, m) {
-  m.impl("kvcache_fwd", &fae::kvcache_fwd);
-  m.impl("merge_states", &fae::merge_states);
-}
-#endif
+#endif  // FAE_HAS_DECODE
