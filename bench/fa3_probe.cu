@@ -128,6 +128,11 @@ static void time_case(const Case& c, bool causal) {
 }
 
 int main(int argc, char** argv) {
+  if (argc >= 7 && std::string(argv[1]) == "one") {  // fa3_probe one D B H S causal: one shape (for ncu)
+    const int D = atoi(argv[2]), B = atoi(argv[3]), H = atoi(argv[4]), S = atoi(argv[5]), causal = atoi(argv[6]);
+    time_case({D, B, H, H, S, S, -1, causal ? 0 : -1}, causal);
+    return 0;
+  }
   const bool do_check = argc < 2 || std::string(argv[1]) == "check";
   const bool do_time = argc < 2 || std::string(argv[1]) == "time";
   bool all_ok = true;

@@ -7,7 +7,8 @@ import zlib
 import pytest
 import torch
 
-from flashattn_ext import attention, build_info
+import flashattn_ext
+from flashattn_ext import attention as flashattn_attention, build_info
 from flashattn_ext.reference import visible_mask
 from flashattn_ext.testing import lse_check, make_qkv, two_x_rule
 
@@ -18,6 +19,39 @@ FP16, BF16 = torch.float16, torch.bfloat16
 BUILT_HEAD_DIMS = build_info()["head_dims"]
 D_DEFAULT = 128 if 128 in BUILT_HEAD_DIMS else (BUILT_HEAD_DIMS or [128])[0]
 OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
+
+
+# Every test here runs once per forward family this GPU has: FA2 everywhere, and the Hopper family (fa3) on
+# compute capability 9.0 with an sm_90a build, for the head dims it takes.
+FA3_HEAD_DIMS = (64, 128, 256)
+HAS_FA3 = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+           and "90a" in build_info().get("cuda_archs", "").split(";"))
+FAMILIES = ["fa2"] + (["fa3"] if HAS_FA3 else [])
+_family = "fa2"
+
+
+@pytest.fixture(autouse=True, params=FAMILIES)
+def family(request):
+    global _family
+    _family = request.param
+    yield request.param
+    _family = "fa2"
+
+
+def attention(q, k, v, **kwargs):
+    """flashattn_ext.attention on the family under test."""
+    if _family == "fa3" and q.shape[-1] not in FA3_HEAD_DIMS:
+        pytest.skip(f"fa3 takes head dims {FA3_HEAD_DIMS}")
+    return flashattn_attention(q, k, v, algorithm=_family, **kwargs)
+
+
+def test_auto_picks_fa3_on_hopper():
+    want = "fa3" if HAS_FA3 else "fa2"
+    for D in FA3_HEAD_DIMS:
+        if D in BUILT_HEAD_DIMS:
+            assert flashattn_ext.resolve_algorithm("auto", DEVICE, D) == want
+    if 96 in BUILT_HEAD_DIMS:
+        assert flashattn_ext.resolve_algorithm("auto", DEVICE, 96) == "fa2"  # not a multiple of 64
 
 
 def need_head_dim(D):

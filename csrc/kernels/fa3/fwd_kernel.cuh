@@ -337,6 +337,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       wgmma_fence();
       C::issue_qk(acc_s, q_base, k_smem + stage_of(cur) * Tr::kKVBytes);
       wgmma_commit();
+      C::rescale_o(acc_o, scale_o);  // to the max of S(i-1), on the CUDA cores while S(i) runs
+      wgmma_fence();
       C::issue_pv(acc_o, p_frag, v_smem + stage_of(prev) * Tr::kKVBytes);
       wgmma_commit();
       sched_pass();
@@ -348,12 +350,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       wgmma_wait<0>();  // PV(i-1) done: O and p_frag may be rewritten, V(i-1) released
       fence_regs(acc_o);
       release(&bar_v_free[stage_of(prev)]);
-      C::rescale_o(acc_o, scale_o);
       C::pack_p(p_frag, acc_s);
     }
     if (n > 0) {
       const int last = it + n - 1;
       mbar_wait(&bar_v[stage_of(last)], parity_of(last));
+      C::rescale_o(acc_o, scale_o);
       sched_wait();
       wgmma_fence();
       C::issue_pv(acc_o, p_frag, v_smem + stage_of(last) * Tr::kKVBytes);
