@@ -3,7 +3,8 @@
 Inline asm needs a literal operand list, one "+f" per fp32 accumulator (N/2 per thread for m64nN), so the
 wrappers are generated rather than written by hand. Run: python3 csrc/sm90/gen_wgmma.py (output is checked in).
   ss_*: A and B from shared memory (descriptors), used for S = Q K^T.
-  rs_*: A from registers (4 x b32 of packed 16-bit pairs per thread), B from shared memory, used for O += P V.
+  rs_*: A from registers (4 x b32 of packed 16-bit pairs per thread), B from shared memory, used for O += P V
+        (trans_b 1) and for S = Q K^T with Q held in registers (trans_b 0).
 trans_b is an immediate: 0 = B stored K-major (K rows, e.g. K), 1 = MN-major (V rows, needs the transpose).
 """
 import pathlib
@@ -62,6 +63,8 @@ def main():
             parts.append(ss(n, t[0], 0))
         for n in RS_N:
             parts.append(rs(n, t[0], 1))
+        for n in SS_N:
+            parts.append(rs(n, t[0], 0))
     parts += ["", "}  // namespace fae::sm90", ""]
     pathlib.Path(__file__).with_name("wgmma_ops.h").write_text("\n".join(parts))
 

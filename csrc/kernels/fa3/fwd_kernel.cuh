@@ -17,6 +17,7 @@
 #include <type_traits>
 #include "../../include/mask.h"
 #include "../../include/params.h"
+#include "../../include/ptx.h"
 #include "../../sm90/ptx.h"
 #include "../../sm90/wgmma_ops.h"
 
@@ -44,6 +45,14 @@ struct Fa3FwdTraits {
   static constexpr int kBarrierOffset = kQBytes + 2 * kStages * kKVBytes;
   static constexpr int kSmemBytes = kBarrierOffset + 8 * (2 + 4 * kStages) + 1024;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // Q as the register operand of S = Q K^T (read from shared memory once per tile, with ldmatrix) instead of a
+  // second shared-memory operand on every k-step: halves the shared-memory reads of that GEMM. D256 keeps Q in
+  // shared memory: its O accumulator alone takes 128 registers.
+#ifdef FAE_FA3_Q_IN_REGS
+  static constexpr bool kQInRegs = FAE_FA3_Q_IN_REGS && kHeadDim <= 128;
+#else
+  static constexpr bool kQInRegs = false;
+#endif
 #ifdef FAE_FA3_PINGPONG
   static constexpr bool kPingPong = FAE_FA3_PINGPONG;
 #else
@@ -92,6 +101,28 @@ struct Consumer {
       const uint64_t da = sm90::smem_desc_sw128(q_base + (kk / 4) * Tr::kPanelQ + off, 16, 1024);
       const uint64_t db = sm90::smem_desc_sw128(k_base + (kk / 4) * Tr::kPanelKV + off, 16, 1024);
       sm90::WgmmaSS<kBlockN, T, 0>::run(acc_s, da, db, kk > 0);
+    }
+  }
+
+  // Same GEMM with Q in registers (q_frag: D / 16 k-steps of the A fragment).
+  static __device__ __forceinline__ void issue_qk_rs(float (&acc_s)[kBlockN / 2], const uint32_t (&q_frag)[kD / 16][4],
+                                                     uint32_t k_base) {
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint64_t db = sm90::smem_desc_sw128(k_base + (kk / 4) * Tr::kPanelKV + (kk % 4) * 32, 16, 1024);
+      sm90::WgmmaRS<kBlockN, T, 0>::run(acc_s, q_frag[kk], db, kk > 0);
+    }
+  }
+
+  // The A fragment of this warpgroup's 64 Q rows from the swizzled tile: ldmatrix.x4 per 16 x 16 block, lane l
+  // addressing row l % 16 and 16-byte chunk 2 (kk % 4) + l / 16 of panel kk / 4; the 128-byte swizzle puts
+  // chunk c of row r at chunk c ^ (r % 8).
+  static __device__ __forceinline__ void load_q(uint32_t (&q_frag)[kD / 16][4], uint32_t q_base, int warp, int lane) {
+    const int row = warp * 16 + lane % 16;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const int chunk = 2 * (kk % 4) + lane / 16;
+      ldmatrix_x4(q_frag[kk], q_base + (kk / 4) * Tr::kPanelQ + row * 128 + ((chunk ^ (row % 8)) * 16));
     }
   }
 
@@ -275,8 +306,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int cw = warpgroup - 1;                        // consumer index: query rows [64 cw, 64 cw + 64) of a tile
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const uint32_t q_base = smem_addr(sQ) + cw * 64 * 128;
-  const uint32_t k_smem = smem_addr(sK), v_smem = smem_addr(sV);
+  const uint32_t q_base = sm90::smem_addr(sQ) + cw * 64 * 128;
+  const uint32_t k_smem = sm90::smem_addr(sK), v_smem = sm90::smem_addr(sV);
   using C = fa3::Consumer<Tr>;
   auto stage_of = [](int it) { return it % kStages; };
   auto parity_of = [](int it) { return static_cast<uint32_t>((it / kStages) & 1); };
@@ -312,14 +343,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // the PV GEMM of the previous tile.
     float acc_s[kBlockN / 2];
     uint32_t p_frag[kBlockN / 16][4];
+    uint32_t q_frag[Tr::kQInRegs ? kD / 16 : 1][4];
+    auto qk = [&](int it_k) {
+      if constexpr (Tr::kQInRegs) C::issue_qk_rs(acc_s, q_frag, k_smem + stage_of(it_k) * Tr::kKVBytes);
+      else C::issue_qk(acc_s, q_base, k_smem + stage_of(it_k) * Tr::kKVBytes);
+    };
     float scale_o[2];
     const int n = tl.n_count;
     if (n > 0) {
       mbar_wait(bar_q, q_it & 1);
+      if constexpr (Tr::kQInRegs) C::load_q(q_frag, q_base, warp, lane);
       mbar_wait(&bar_k[stage_of(it)], parity_of(it));
       sched_wait();
       wgmma_fence();
-      C::issue_qk(acc_s, q_base, k_smem + stage_of(it) * Tr::kKVBytes);
+      qk(it);
       wgmma_commit();
       sched_pass();
       wgmma_wait<0>();
@@ -335,7 +372,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       mbar_wait(&bar_v[stage_of(prev)], parity_of(prev));
       sched_wait();
       wgmma_fence();
-      C::issue_qk(acc_s, q_base, k_smem + stage_of(cur) * Tr::kKVBytes);
+      qk(cur);
       wgmma_commit();
       C::rescale_o(acc_o, scale_o);  // to the max of S(i-1), on the CUDA cores while S(i) runs
       wgmma_fence();
