@@ -201,7 +201,9 @@ class _Ring:
         self.group, self.rank, self.world, self.enabled = spec.group, spec.rank, spec.world, spec.comm
         self.stream = None
         if device.type == "cuda":
-            self.stream = _COMM_STREAMS.setdefault(device, torch.cuda.Stream(device))
+            if device not in _COMM_STREAMS:
+                _COMM_STREAMS[device] = torch.cuda.Stream(device)
+            self.stream = _COMM_STREAMS[device]
 
     def peer(self, offset):
         return (self.rank + offset) % self.world
