@@ -165,10 +165,34 @@ def check_errors(rank, world):
     return res
 
 
+def check_groups(rank, world):
+    """Subgroups (ranks are group ranks, e.g. one context-parallel group per data-parallel replica) and the
+    gradient of unshard_sequence."""
+    import torch.distributed as dist
+
+    res = {}
+    pairs = [dist.new_group([2 * i, 2 * i + 1]) for i in range(world // 2)]  # every rank creates every group
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 2, 4 * world, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    x_l = shard_sequence(x).requires_grad_()
+    (unshard_sequence(x_l) * w).sum().backward()
+    res["unshard-grad"] = "" if torch.equal(x_l.grad, shard_sequence(w)) else "unshard_sequence gradient wrong"
+    if world == 4:
+        group = pairs[rank // 2]
+        q, k, v = (torch.randn(1, H, 16, 8, generator=g, dtype=torch.float64) for H in (3, 1, 1))
+        out = ring_attention(*(shard_sequence(t, group) for t in (q, k, v)), group=group)
+        want = shard_sequence(flashattn_ext.attention(q, k, v, causal=True), group)
+        ok = torch.allclose(out, want, **F64_TOL)
+        res["subgroups"] = "" if ok else f"max err {max_abs_err(out, want):.3g}"
+    return res
+
+
 def run_all(rank, world):
     results = check_errors(rank, world)
     if world == 1:
         return results
+    results.update(check_groups(rank, world))
     for name, c in accuracy_cases().items():
         c = dict(c, world=world)
         try:
@@ -187,7 +211,8 @@ def case_ids(world):
     names = [n for n in error_cases() if world > 1 or n in ("group-of-one", "group-usable-after-errors")]
     if world == 1:
         return names
-    return [n for n in names if n != "group-of-one"] + list(accuracy_cases())
+    groups = ["unshard-grad"] + (["subgroups"] if world == 4 else [])
+    return [n for n in names if n != "group-of-one"] + groups + list(accuracy_cases())
 
 
 @pytest.mark.parametrize("world,case", [(w, n) for w in WORLDS for n in case_ids(w)])
