@@ -140,7 +140,8 @@ def write_results(args, world, rows):
     table = [[seqlen_label(r["S"]), r["layout"], r["t1_fwd_ms"], r["tW_fwd_ms"], share(r["efficiency_fwd"]),
               share(r["comm_hidden_fwd"]), r["t1_fwdbwd_ms"], r["tW_fwdbwd_ms"], share(r["efficiency_fwdbwd"]),
               share(r["comm_hidden_fwdbwd"])] for r in rows]
-    print(f"\ncontext parallel, {world} {'CPU ranks (smoke run)' if args.cpu else 'GPUs'}, B{B} H{HQ}/{HKV} D{D} causal bf16 "
+    ranks = "CPU ranks (smoke run)" if args.cpu else "GPUs"
+    print(f"\ncontext parallel, {world} {ranks}, B{B} H{HQ}/{HKV} D{D} causal bf16 "
           f"(efficiency = t1 / (W * tW); hidden = share of the transfer time overlapped)")
     report.print_table(header, table)
     report.write_json(os.path.join(args.out, "cp_results.json"),
