@@ -80,3 +80,16 @@ def test_sliding_window_stops_the_ring_early():
 def test_blocks_nobody_sees_have_no_call():
     (qs,), (ks,) = segments("contiguous", 0, 2, 4), segments("contiguous", 1, 2, 4)
     assert plan_block((qs,), (ks,), -float("inf"), 0) == ()
+
+
+def test_random_configurations_cover_the_mask_exactly_once():
+    g = torch.Generator().manual_seed(0)
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    for _ in range(60):
+        world, layout = rand(2, 8), ("zigzag", "contiguous")[rand(0, 1)]
+        Sq_l, Sk_l = 2 * rand(1, 5), 2 * rand(1, 5)
+        window = (rand(-1, 3 * Sk_l), rand(-1, 3 * Sk_l))
+        causal = bool(rand(0, 1))
+        count, _ = coverage(layout, world, Sq_l, Sk_l, causal, window)
+        want = visible_mask(world * Sq_l, world * Sk_l, causal, window).long()
+        assert torch.equal(count, want), (layout, world, Sq_l, Sk_l, causal, window)
