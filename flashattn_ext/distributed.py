@@ -56,12 +56,12 @@ def _check_sequence_tensor(t, name):
 
 
 def _supported_devices(group):
-    """Device types the group's backend moves ("nccl" -> cuda, "gloo" -> cpu, "cpu:gloo,cuda:nccl" -> both);
-    None for other backends (not checked)."""
+    """Device types the group's backend moves ("nccl" -> cuda, "gloo" -> cpu, "cpu:gloo,cuda:nccl" and
+    "undefined", what init_process_group() without a backend makes, -> both); None for other backends."""
     backend = str(dist.get_backend(group))
     if ":" in backend:
         return {part.split(":")[0] for part in backend.split(",")}
-    return {"nccl": {"cuda"}, "gloo": {"cpu"}}.get(backend)
+    return {"nccl": {"cuda"}, "gloo": {"cpu"}, "undefined": {"cpu", "cuda"}}.get(backend)
 
 
 def _check_backend(group, device):
@@ -72,11 +72,16 @@ def _check_backend(group, device):
 
 
 def _exchange_device(group, tensors):
-    """Where the small agreement tensor lives: the inputs' GPU, else the current GPU for NCCL, else the CPU."""
+    """Where the small agreement tensor lives: the CPU when the group moves CPU tensors (gloo, or a
+    "cpu:gloo,cuda:nccl" group: then the check never waits for the GPU), else the inputs' GPU, else the current
+    GPU (NCCL), else the CPU."""
+    supported = _supported_devices(group)
+    if supported is not None and "cpu" in supported:
+        return torch.device("cpu")
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.device.type == "cuda":
             return t.device
-    if _supported_devices(group) == {"cuda"}:
+    if supported == {"cuda"}:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -379,7 +384,9 @@ def ring_attention(q, k, v, group=None, causal=True, layout="zigzag", scale=None
 
     Every rank takes part in every transfer, so the arguments are checked on all ranks together before anything
     is sent: a bad argument, or shapes and options that differ between ranks, raise on every rank. A group of one
-    rank is refused. The check is one small all_gather read on the host (a sync on CUDA), once per call.
+    rank is refused. The check is one small all_gather read on the host, once per call: on the CPU when the group
+    also moves CPU tensors (``init_process_group()`` without a backend, or "cpu:gloo,cuda:nccl"), else on the GPU
+    (with a pure "nccl" group: one synchronisation per call).
     torch.compile graph-breaks around this function (an autograd.Function issuing collectives).
     """
     spec = _ring_spec(q, k, v, group, causal, layout, scale, window, return_lse)
