@@ -41,6 +41,7 @@ CASES = {
     "zigzag-causal-window-8k": ("zigzag", True, 1, 4, 1, 8192, (1000, -1)),
     "zigzag-causal-gqa-32k": ("zigzag", True, 1, 8, 2, 32768, (-1, -1)),
 }
+MIXED_CASE = "zigzag-causal-gqa-8k-cpu-gloo-cuda-nccl-group"
 SLOW_CASES = {
     "zigzag-causal-gqa-128k": ("zigzag", True, 1, 4, 2, 131072, (-1, -1)),
 }
@@ -80,16 +81,17 @@ def with_grads(fn, q, k, v, dout):
     return (out.detach(), lse.detach()) + torch.autograd.grad(out, (q, k, v), dout)
 
 
-def check_case(rank, case):
+def check_case(rank, case, group=None):
     layout, causal, B, Hq, Hkv, S, window = case
     D = head_dim()
     g = torch.Generator().manual_seed(S + Hq)
     mk = lambda H: torch.randn(B, H, S, D, generator=g).to("cuda", torch.bfloat16)
     q, k, v, dout = mk(Hq), mk(Hkv), mk(Hkv), mk(Hq)
     kw = dict(causal=causal, window=window, return_lse=True)
-    shard = functools.partial(shard_sequence, layout=layout)
+    shard = functools.partial(shard_sequence, group=group, layout=layout)
 
-    ring = with_grads(lambda *t: ring_attention(*t, layout=layout, **kw), shard(q), shard(k), shard(v), shard(dout))
+    ring = with_grads(lambda *t: ring_attention(*t, group=group, layout=layout, **kw), shard(q), shard(k), shard(v),
+                      shard(dout))
     single = [shard(t) for t in with_grads(lambda *t: flashattn_ext.attention(*t, **kw), q, k, v, dout)]
     oracle = [shard(t) for t in chunked_reference(q, k, v, dout, causal, window[0], upcast=True)]
     lowp = [shard(t) for t in chunked_reference(q, k, v, dout, causal, window[0], upcast=False)]
@@ -111,9 +113,16 @@ def check_case(rank, case):
 
 
 def run_cases(rank, world, names):
+    import torch.distributed as dist
+
     results = {}
     for name in names:
         try:
+            if name == MIXED_CASE:  # every rank gets here at the same time: new_group is collective
+                # A group that also has gloo: ring_attention's argument check then runs on the CPU (no GPU sync).
+                mixed = dist.new_group(backend="cpu:gloo,cuda:nccl")
+                results[name] = check_case(rank, CASES["zigzag-causal-gqa-8k"], group=mixed)
+                continue
             results[name] = check_case(rank, {**CASES, **SLOW_CASES}[name])
         except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
             results[name] = f"raised {type(e).__name__}: {e}"
@@ -122,7 +131,7 @@ def run_cases(rank, world, names):
 
 
 def run_fast(rank, world):
-    return run_cases(rank, world, list(CASES))
+    return run_cases(rank, world, list(CASES) + [MIXED_CASE])
 
 
 def run_slow(rank, world):
@@ -140,7 +149,7 @@ def assert_case(fn, case):
     assert not failures, failures
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + [MIXED_CASE])
 def test_ring_attention_nccl(case):
     assert_case(run_fast, case)
 
