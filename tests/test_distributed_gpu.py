@@ -140,7 +140,8 @@ def run_slow(rank, world):
 
 @functools.lru_cache(maxsize=None)
 def results_for(fn):
-    return run_ranks(fn, WORLD, backend="nccl", timeout_s=600)
+    # Bounded below the device tool's 10-minute limit per command: a hang fails instead of eating the budget.
+    return run_ranks(fn, WORLD, backend="nccl", timeout_s=300 if fn is run_fast else 480)
 
 
 def assert_case(fn, case):
