@@ -98,7 +98,7 @@ def _agree(group, world, what, names, device, local_checks):
     """Runs local_checks() (argument checks, returning one int per name) on every rank and makes all ranks reach
     the same verdict with one small all_gather: if any rank's checks raised, or the ints differ between ranks,
     every rank raises (its own error, or a ValueError naming the ranks / the value), so that no rank is left
-    waiting in a transfer that will never come. Reads the result on the host (one sync per call on CUDA)."""
+    waiting in a transfer that will never come. Reads the result on the host (a GPU sync if device is a GPU)."""
     try:
         values, error = [int(x) for x in local_checks()], None
     except (TypeError, ValueError, RuntimeError) as e:
