@@ -41,6 +41,10 @@ SHAPES = {
         (1, 16, 16, 16384, 128, True, None),
         (4, 16, 16, 4096, 128, False, torch.float16),
         (2, 32, 8, 8192, 128, True, None),
+        (4, 16, 16, 4096, 96, True, None),
+        (4, 8, 8, 4096, 256, False, None),
+        (4, 8, 8, 4096, 256, True, None),
+        (1, 8, 8, 16384, 256, True, None),
     ],
     "quick": [
         (16, 32, 32, 1024, 64, False, None),
@@ -157,6 +161,9 @@ def bench_shape(shape, dtype_default, algorithms, attention, info):
         for peer in PEERS:
             a, p = row["results"][alg].get("tflops"), row["results"][peer].get("tflops")
             row["ratios"][f"{alg}/{SHORT[peer]}"] = a / p if a and p else None
+    if "fa3" in algorithms and "fa2" in algorithms:  # the Hopper family against our mma.sync kernel, same inputs
+        a, p = row["results"]["fa3"].get("tflops"), row["results"]["fa2"].get("tflops")
+        row["ratios"]["fa3/fa2"] = a / p if a and p else None
     if "fa2" in algorithms and "fa1" in algorithms:  # the FA1-vs-FA2 comparison of issue 3, same inputs, same run
         a, p = row["results"]["fa2"].get("tflops"), row["results"]["fa1"].get("tflops")
         row["ratios"]["fa2/fa1"] = a / p if a and p else None

@@ -11,9 +11,9 @@ import json
 import os
 import re
 
-SERIES = {"fa2": "flashattn_ext FA2", "fa1": "flashattn_ext FA1", "sdpa_flash": "SDPA flash (FA2)",
+SERIES = {"fa3": "flashattn_ext fa3 (Hopper)", "fa2": "flashattn_ext FA2", "fa1": "flashattn_ext FA1", "sdpa_flash": "SDPA flash (FA2)",
           "sdpa_cudnn": "SDPA cuDNN", "sdpa_efficient": "SDPA efficient"}
-LOG_COLUMNS = {"fa2 TFLOP/s": "fa2", "fa1 TFLOP/s": "fa1", "flash": "sdpa_flash", "cudnn": "sdpa_cudnn",
+LOG_COLUMNS = {"fa3 TFLOP/s": "fa3", "fa2 TFLOP/s": "fa2", "fa1 TFLOP/s": "fa1", "flash": "sdpa_flash", "cudnn": "sdpa_cudnn",
                "eff": "sdpa_efficient"}
 
 
@@ -70,6 +70,11 @@ def plot(rows, out, title):
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("forward TFLOP/s")
     handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:  # a series missing from the first panel (e.g. fa3 at D96) still gets a legend entry
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
@@ -81,7 +86,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", help="fwd_results.json or a bench_fwd.py log")
     ap.add_argument("--out", default=None, help="PNG path (default: fwd_vs_seqlen.png beside RESULTS)")
-    ap.add_argument("--title", default="attention forward, bf16, H100 80GB HBM3")
+    ap.add_argument("--title", default="attention forward, bf16, NVIDIA H200")
     args = ap.parse_args()
     rows = rows_from_json(args.results) if args.results.endswith(".json") else rows_from_log(args.results)
     plot(rows, args.out or os.path.join(os.path.dirname(args.results), "fwd_vs_seqlen.png"), args.title)

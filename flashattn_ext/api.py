@@ -20,17 +20,20 @@ def kernel_window(causal, window, seqlen_q, seqlen_k):
     return left, right
 
 
-def resolve_algorithm(algorithm="auto", device=None):
-    """The kernel family ``attention(..., algorithm=algorithm)`` runs on CUDA ``device``.
+def resolve_algorithm(algorithm="auto", device=None, head_dim=128):
+    """The kernel family ``attention(..., algorithm=algorithm)`` runs on CUDA ``device`` for ``head_dim``.
 
-    The choice is made in C++ (csrc/host/dispatch.cpp) from the device's compute capability; this asks it. In
-    this build "auto" is FlashAttention-2 on every GPU (measured faster than FA1 on every benchmarked shape,
-    README "FA1 vs FA2"), and that is the answer without a CUDA device or a built extension.
+    The choice is made in C++ (csrc/host/dispatch.cpp) from the device's compute capability; this asks it.
+    "auto" is the Hopper family "fa3" (wgmma + TMA, warp-specialised) for the forward on compute capability 9.0
+    when the build has sm_90a and the head dim is 64, 128 or 256; FlashAttention-2 otherwise (measured faster
+    than FA1 on every benchmarked shape, README "FA1 vs FA2"). The backward of "auto" and "fa3" runs the FA2
+    backward. Without a CUDA device or a built extension the answer is "fa2".
     """
     validate.check_algorithm(algorithm)
     if device is not None and _ops.HAS_CUDA_EXT and torch.device(device).type == "cuda":
         index = torch.device(device).index
-        return _ops._C.resolve_algorithm(algorithm, torch.cuda.current_device() if index is None else index)
+        return _ops._C.resolve_algorithm(algorithm, torch.cuda.current_device() if index is None else index,
+                                         int(head_dim))
     return "fa2" if algorithm == "auto" else algorithm
 
 
@@ -48,11 +51,13 @@ def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -
             query rows see no key at all: their output is 0 and their lse is -inf.
         scale: softmax scale, default ``1 / sqrt(D)``; any finite positive float.
         return_lse: also return the log-sum-exp of each row.
-        algorithm: "auto" (the family C++ picks for the GPU, see ``resolve_algorithm``; FA2 in this build),
+        algorithm: "auto" (the family C++ picks for the GPU, see ``resolve_algorithm``: "fa3" on Hopper, else FA2),
+            "fa3" (Hopper only: TMA loads, wgmma, a producer warp and two consumer warpgroups; forward only, its
+            backward is FA2's),
             "fa2" (FlashAttention-2: query tiles across blocks, K/V loop inside, split-Q warps), "fa1"
             (FlashAttention-1 as published: one block per (batch, head), K/V-outer / Q-inner loops, O, m, l
             round-tripped through global memory, split-K warps reduced through shared memory; its own backward,
-            Algorithm 4) or "fa3" (Hopper wgmma/TMA; raises ValueError where it is not built). Same results
+            Algorithm 4). "fa3" raises ValueError where it is not built or the GPU is not Hopper. Same results
             either way; CPU ignores it.
         window: ``(left, right)`` sliding window in key positions around ``p``; query ``i`` sees key ``j``
             iff ``(left < 0 or j >= p - left) and (right < 0 or j <= p + right)``; ``-1`` = unbounded.

@@ -11,6 +11,10 @@ from flashattn_ext.testing import OUT_FLOOR
 
 pytestmark = pytest.mark.requires_cuda_ext
 
+# The Hopper family joins the parametrised tests on compute capability 9.0 with an sm_90a build.
+FA3 = (["fa3"] if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+       and "90a" in flashattn_ext.build_info().get("cuda_archs", "").split(";") else [])
+
 
 def rows_reference(q, k, v, rows, causal, dtype):
     """Attention of query rows `rows` (bottom-right causal), computed in `dtype` on the GPU."""
@@ -24,7 +28,7 @@ def rows_reference(q, k, v, rows, causal, dtype):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("algorithm", ["fa2"])
+@pytest.mark.parametrize("algorithm", ["fa2"] + FA3)
 def test_sequence_131072(causal, algorithm):
     S, D = 131_072, 64
     g = torch.Generator(device="cuda").manual_seed(7)
@@ -53,7 +57,7 @@ def test_more_than_100k_blocks():
     assert err <= 2 * (low.double() - ref).abs().max().item() + OUT_FLOOR
 
 
-@pytest.mark.parametrize("algorithm", ["fa2", "fa1"])
+@pytest.mark.parametrize("algorithm", ["fa2", "fa1"] + FA3)
 def test_nan_stays_in_the_rows_it_reaches(algorithm):
     B, H, S, D = 1, 2, 200, 64
     g = torch.Generator(device="cuda").manual_seed(5)

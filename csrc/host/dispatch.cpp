@@ -16,6 +16,8 @@ template <typename T, int kHeadDim>
 void run_fa2_bwd(const BwdParams& params, cudaStream_t stream);
 template <typename T, int kHeadDim>
 void run_fa1_bwd(const Fa1BwdParams& params, cudaStream_t stream);
+template <typename T, int kHeadDim>
+void run_fa3_fwd(const FwdParams& params, cudaStream_t stream);
 
 const char* family_name(Family family) {
   switch (family) {
@@ -26,17 +28,33 @@ const char* family_name(Family family) {
   return "?";
 }
 
-Family choose_family(c10::string_view algorithm, int arch, Direction direction) {
-  // "auto": FlashAttention-2 on every arch in this build (measured faster than FA1 on every benchmarked shape,
-  // README "FA1 vs FA2"). When the Hopper family lands, auto picks it here for arch == 90.
-  if (algorithm == "auto" || algorithm == "fa2") return Family::kFa2;
+bool fa3_fwd_available(int head_dim) {
+  // The kernels are compiled for every arch in the build, but only the sm_90a image holds the Hopper code (the
+  // others are empty stubs), so the family exists only in builds that list 90a.
+  static const bool has_sm90a = std::string(FAE_CUDA_ARCHS).find("90a") != std::string::npos;
+  if (!has_sm90a || (head_dim != 64 && head_dim != 128 && head_dim != 256)) return false;
+  for (int d : compiled_head_dims())
+    if (d == head_dim) return true;
+  return false;
+}
+
+Family choose_family(c10::string_view algorithm, int arch, Direction direction, int head_dim) {
+  // "auto": the Hopper family (fa3) for the forward on sm_90 when this build has it for the head dim (measured
+  // 1.3-1.6x FA2 on the H200, bench/NOTES.md); FA2 otherwise, and for every backward until a Hopper backward
+  // exists (the FA2 backward takes any forward's out and lse). FA2 was measured faster than FA1 everywhere.
+  if (algorithm == "auto") {
+    if (direction == Direction::kFwd && arch == 90 && fa3_fwd_available(head_dim)) return Family::kFa3;
+    return Family::kFa2;
+  }
+  if (algorithm == "fa2") return Family::kFa2;
   if (algorithm == "fa1") return Family::kFa1;
   if (algorithm == "fa3") {
-    // FA3's forward writes the same (out, lse) contract, so the FA2 backward serves it until a Hopper backward
-    // exists.
     if (direction == Direction::kBwd) return Family::kFa2;
     TORCH_CHECK_VALUE(arch == 90, "algorithm='fa3' needs a Hopper GPU (compute capability 9.0, sm_90a), got ",
                       std::to_string(arch / 10), ".", std::to_string(arch % 10));
+    TORCH_CHECK_VALUE(fa3_fwd_available(head_dim), "algorithm='fa3' is not available for head dim ",
+                      std::to_string(head_dim), " in this build (the Hopper family takes head dims ",
+                      "64, 128, 256", " and needs a build with arch 90a)");
     return Family::kFa3;
   }
   TORCH_CHECK_VALUE(false, "algorithm must be one of ", kAlgorithmNames, ", got '", std::string(algorithm), "'");
@@ -114,9 +132,11 @@ void run_fwd(Family family, const FwdParams& params, const at::Tensor& q, cudaSt
           launch_fa1_fwd<T, kHeadDim>(params, q, stream);
           return;
         case Family::kFa3:
-          // ==== The Hopper (sm_90a) family plugs in here: run_fa3_fwd<T, kHeadDim>(params, stream); return; ====
-          TORCH_CHECK_VALUE(false, "algorithm='fa3' is not available in this build (the Hopper FA3 kernels are not "
-                            "compiled in); use algorithm='auto', 'fa2' or 'fa1'");
+          if constexpr (kHeadDim % 64 == 0) {  // choose_family only picks fa3 for its head dims
+            run_fa3_fwd<T, kHeadDim>(params, stream);
+            return;
+          }
+          TORCH_CHECK_VALUE(false, "algorithm='fa3' does not take head dim ", std::to_string(kHeadDim));
       }
     });
   });

@@ -16,8 +16,13 @@ enum class Direction { kFwd, kBwd };
 constexpr const char* kAlgorithmNames = "('auto', 'fa2', 'fa1', 'fa3')";
 
 // The family that runs `algorithm` ("auto", "fa2", "fa1", "fa3") in `direction` on a GPU of compute capability
-// `arch` (major * 10 + minor). ValueError naming `algorithm` for an unknown name or one this GPU cannot run.
-Family choose_family(c10::string_view algorithm, int arch, Direction direction);
+// `arch` (major * 10 + minor) for head dim `head_dim`. ValueError naming `algorithm` for an unknown name or one
+// this GPU / head dim / build cannot run.
+Family choose_family(c10::string_view algorithm, int arch, Direction direction, int head_dim);
+
+// True when this build has the Hopper forward for head_dim: sm_90a code compiled in and the head dim among the
+// family's (multiples of 64 that the build instantiates).
+bool fa3_fwd_available(int head_dim);
 const char* family_name(Family family);
 
 // Launches the family's forward on filled params (q/k/v, output, window); allocates the family's scratch.

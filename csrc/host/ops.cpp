@@ -128,9 +128,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def(
       "resolve_algorithm",
-      [](const std::string& algorithm, int device) {
+      [](const std::string& algorithm, int device, int head_dim) {
         return std::string(fae::family_name(
-            fae::choose_family(algorithm, fae::device_arch(device), fae::Direction::kFwd)));
+            fae::choose_family(algorithm, fae::device_arch(device), fae::Direction::kFwd, head_dim)));
       },
-      "The kernel family attention(..., algorithm=algorithm) runs on CUDA device `device` (forward).");
+      pybind11::arg("algorithm"), pybind11::arg("device"), pybind11::arg("head_dim") = 128,
+      "The kernel family attention(..., algorithm=algorithm) runs on CUDA device `device` for head dim `head_dim`"
+      " (forward).");
 }

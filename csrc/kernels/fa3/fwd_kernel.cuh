@@ -1,0 +1,430 @@
+// Hopper (sm_90a) FlashAttention forward: TMA loads, wgmma, warp specialisation.
+//
+// One block per (query tile of 128 rows, batch, head), 3 warpgroups:
+//   warpgroup 0 (producer): one thread issues TMA copies of Q once and of K/V tiles into a ring of kStages
+//     shared-memory stages; "full" mbarriers complete when the bytes land, "empty" ones when both consumers
+//     are done with a stage. It gives most of its registers away (setmaxnreg).
+//   warpgroups 1, 2 (consumers): 64 query rows each. S = Q K^T with both operands in shared memory,
+//     online softmax in registers (base 2, scale * log2(e) folded in), O += P V with P straight from the
+//     S accumulators (registers) and V read transposed from shared memory.
+// Shared-memory tiles are stored as the TMA writes them with the 128-byte swizzle: each 64-column panel of a
+// tile is rows x 128 bytes, 8-row atoms of 1024 bytes; the wgmma descriptors below address that layout.
+#pragma once
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <type_traits>
+#include "../../common/mask.h"
+#include "../../common/params.h"
+#include "../../sm80/ptx.h"
+#include "../../sm90/ptx.h"
+#include "../../sm90/wgmma_ops.h"
+
+namespace fae {
+
+template <typename T_, int kHeadDim_>
+struct Fa3FwdTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kConsumers = 2;              // consumer warpgroups, 64 query rows each
+  static constexpr int kBlockM = 64 * kConsumers;
+#ifdef FAE_FA3_BLOCK_N_D128
+  static constexpr int kBlockN = kHeadDim == 128 ? FAE_FA3_BLOCK_N_D128 : kHeadDim < 128 ? 128 : 64;
+#else
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
+#endif
+  static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
+  static constexpr int kPanels = kHeadDim / 64;     // 64-column (128-byte) swizzle panels per row
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr int kPanelQ = kBlockM * 128;     // bytes of one panel of the Q tile
+  static constexpr int kPanelKV = kBlockN * 128;    // bytes of one panel of a K or V tile
+  static constexpr int kQBytes = kPanelQ * kPanels;
+  static constexpr int kKVBytes = kPanelKV * kPanels;
+  // Q | K stages | V stages | mbarriers, after aligning the base to the 1024-byte swizzle atom.
+  static constexpr int kBarrierOffset = kQBytes + 2 * kStages * kKVBytes;
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * (2 + 4 * kStages) + 1024;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // Q as the register operand of S = Q K^T (read from shared memory once per tile, with ldmatrix) instead of a
+  // second shared-memory operand on every k-step: halves the shared-memory reads of that GEMM. D256 keeps Q in
+  // shared memory: its O accumulator alone takes 128 registers.
+#ifdef FAE_FA3_Q_IN_REGS
+  static constexpr bool kQInRegs = FAE_FA3_Q_IN_REGS && kHeadDim <= 128;
+#else
+  static constexpr bool kQInRegs = false;
+#endif
+#ifdef FAE_FA3_PINGPONG
+  static constexpr bool kPingPong = FAE_FA3_PINGPONG;
+#else
+  static constexpr bool kPingPong = true;  // measured: +2-16% over issuing freely (bench/NOTES.md)
+#endif
+  static_assert(kHeadDim % 64 == 0, "the Hopper forward takes head dims that are multiples of 64");
+  static_assert(kSmemBytes <= 227 * 1024, "tile does not fit in shared memory");
+};
+
+namespace fa3 {
+
+// Accumulator fragment of wgmma m64nN (f32): per warp 16 rows; thread (g = lane/4, t = lane%4) holds, for
+// each 8-column block j, d[4j + e] at (row g, col 8j + 2t + e) and d[4j + 2 + e] at (row g + 8, same col).
+// The same indices give the A-operand fragment of the next wgmma (16 keys = blocks 2kk, 2kk + 1).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+// The consumer's per-tile steps. Each issues or consumes wgmma work for one warpgroup (64 query rows).
+template <typename Tr>
+struct Consumer {
+  using T = typename Tr::T;
+  static constexpr int kBlockN = Tr::kBlockN, kD = Tr::kHeadDim;
+
+  // S = Q K^T: D / 16 k-steps; a k-step is 32 bytes inside a 128-byte swizzle row of one panel. Issues only.
+  static __device__ __forceinline__ void issue_qk(float (&acc_s)[kBlockN / 2], uint32_t q_base, uint32_t k_base) {
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t off = (kk % 4) * 32;
+      const uint64_t da = sm90::smem_desc_sw128(q_base + (kk / 4) * Tr::kPanelQ + off, 16, 1024);
+      const uint64_t db = sm90::smem_desc_sw128(k_base + (kk / 4) * Tr::kPanelKV + off, 16, 1024);
+      sm90::WgmmaSS<kBlockN, T, 0>::run(acc_s, da, db, kk > 0);
+    }
+  }
+
+  // Same GEMM with Q in registers (q_frag: D / 16 k-steps of the A fragment).
+  static __device__ __forceinline__ void issue_qk_rs(float (&acc_s)[kBlockN / 2], const uint32_t (&q_frag)[kD / 16][4],
+                                                     uint32_t k_base) {
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint64_t db = sm90::smem_desc_sw128(k_base + (kk / 4) * Tr::kPanelKV + (kk % 4) * 32, 16, 1024);
+      sm90::WgmmaRS<kBlockN, T, 0>::run(acc_s, q_frag[kk], db, kk > 0);
+    }
+  }
+
+  // The A fragment of this warpgroup's 64 Q rows from the swizzled tile: ldmatrix.x4 per 16 x 16 block, lane l
+  // addressing row l % 16 and 16-byte chunk 2 (kk % 4) + l / 16 of panel kk / 4; the 128-byte swizzle puts
+  // chunk c of row r at chunk c ^ (r % 8).
+  static __device__ __forceinline__ void load_q(uint32_t (&q_frag)[kD / 16][4], uint32_t q_base, int warp, int lane) {
+    const int row = warp * 16 + lane % 16;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const int chunk = 2 * (kk % 4) + lane / 16;
+      ldmatrix_x4(q_frag[kk], q_base + (kk / 4) * Tr::kPanelQ + row * 128 + ((chunk ^ (row % 8)) * 16));
+    }
+  }
+
+  // O += P V: P (64 x kBlockN) from registers, V (kBlockN keys x D) MN-major in shared memory: a 16-key
+  // k-step is 2 atoms of 8 key rows (sbo = 1024), the D columns span the panels (lbo = panel bytes). Issues only.
+  static __device__ __forceinline__ void issue_pv(float (&acc_o)[kD / 2], const uint32_t (&p_frag)[kBlockN / 16][4],
+                                                  uint32_t v_base) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint64_t dv = sm90::smem_desc_sw128(v_base + kk * 16 * 128, Tr::kPanelKV, 1024);
+      sm90::WgmmaRS<kD, T, 1>::run(acc_o, p_frag[kk], dv, 1);
+    }
+  }
+
+  // Masks S where needed, folds its row maxima into the running state and turns S into unnormalised
+  // probabilities in place; returns in scale_o the factors the O accumulator must be multiplied by.
+  static __device__ __forceinline__ void softmax(float (&acc_s)[kBlockN / 2], float (&row_max)[2], float (&row_sum)[2],
+                                                 float (&scale_o)[2], const WindowMask& mask, bool needs_mask,
+                                                 int row0, int n0, int t, float scale_log2) {
+    if (needs_mask) {
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = n0 + 8 * j + 2 * t + e;
+          if (!mask.visible(row0, col)) acc_s[4 * j + e] = -INFINITY;
+          if (!mask.visible(row0 + 8, col)) acc_s[4 * j + 2 + e] = -INFINITY;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[4 * j + 2 * r], acc_s[4 * j + 2 * r + 1]));
+      mx = quad_max(mx) * scale_log2;
+      const float m_new = fmaxf(row_max[r], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet: exp2(-inf) = 0
+      scale_o[r] = sm90::exp2_approx(row_max[r] - m_use);
+      row_max[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pr = sm90::exp2_approx(fmaf(acc_s[4 * j + 2 * r + e], scale_log2, -m_use));
+          acc_s[4 * j + 2 * r + e] = pr;
+          sum += pr;
+        }
+      row_sum[r] = row_sum[r] * scale_o[r] + sum;  // per-thread partial; reduced across the quad at the end
+    }
+  }
+
+  static __device__ __forceinline__ void rescale_o(float (&acc_o)[kD / 2], const float (&scale_o)[2]) {
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {
+      acc_o[4 * j + 0] *= scale_o[0];
+      acc_o[4 * j + 1] *= scale_o[0];
+      acc_o[4 * j + 2] *= scale_o[1];
+      acc_o[4 * j + 3] *= scale_o[1];
+    }
+  }
+
+  // P as the A operand of the PV wgmma: 16 keys per k-step = 8-column blocks 2kk and 2kk + 1.
+  static __device__ __forceinline__ void pack_p(uint32_t (&p_frag)[kBlockN / 16][4], const float (&acc_s)[kBlockN / 2]) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) p_frag[kk][r] = pack2<T>(acc_s[8 * kk + 2 * r], acc_s[8 * kk + 2 * r + 1]);
+  }
+};
+
+}  // namespace fa3
+
+// Which (query tile, batch, head) a persistent block works on at its n-th step, and the key tiles it visits.
+// Tiles are numbered with the last (for causal: heaviest) query tiles first, so a static stride over the
+// numbering hands out the longest work first; consecutive numbers are consecutive heads of one batch, so the
+// query heads of one GQA group read the same K/V tiles from L2 at about the same time.
+template <typename Tr>
+struct Fa3Tile {
+  int m_block, b, h, m0, m_end, n_end, n_count;
+
+  __device__ __forceinline__ Fa3Tile(const FwdParams& p, const WindowMask& mask, int tile, int num_m_blocks) {
+    const int bh_count = p.batch * p.heads_q;
+    m_block = num_m_blocks - 1 - tile / bh_count;
+    const int bh = tile % bh_count;
+    b = bh / p.heads_q;
+    h = bh % p.heads_q;
+    m0 = m_block * Tr::kBlockM;
+    m_end = min(m0 + Tr::kBlockM, p.seqlen_q);
+    const int key_begin = mask.key_begin(m0), key_end = mask.key_end(m_end);
+    const int n_begin = key_begin / Tr::kBlockN;
+    n_end = key_end > key_begin ? (key_end + Tr::kBlockN - 1) / Tr::kBlockN : n_begin;
+    n_count = n_end - n_begin;
+  }
+  // Key tile visited at step i of this tile: the last one first, so only the first steps can need a mask.
+  __device__ __forceinline__ int n0(int i) const { return (n_end - 1 - i) * Tr::kBlockN; }
+};
+
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    fa3_fwd_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ CUtensorMap tmap_q,
+                   const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_v,
+                   int num_tiles) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace sm90;
+  using T = typename Tr::T;
+  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kD = Tr::kHeadDim, kStages = Tr::kStages;
+  constexpr int kPanels = Tr::kPanels;
+
+  extern __shared__ char smem_raw[];
+  char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  char* sQ = smem;
+  char* sK = sQ + Tr::kQBytes;                      // stage s at sK + s * kKVBytes
+  char* sV = sK + kStages * Tr::kKVBytes;
+  uint64_t* bar_q = reinterpret_cast<uint64_t*>(smem + Tr::kBarrierOffset);
+  uint64_t* bar_q_free = bar_q + 1;                 // both consumers are done reading Q
+  uint64_t* bar_k = bar_q_free + 1;                 // K of stage s landed
+  uint64_t* bar_v = bar_k + kStages;                // V of stage s landed
+  uint64_t* bar_k_free = bar_v + kStages;           // both consumers are done with K of stage s
+  uint64_t* bar_v_free = bar_k_free + kStages;      // ... with V of stage s
+
+  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const WindowMask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+
+  if (threadIdx.x == 0) {
+    mbar_init(bar_q, 1);
+    mbar_init(bar_q_free, Tr::kConsumers * 4);     // one arrive per consumer warp
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&bar_k[s], 1);
+      mbar_init(&bar_v[s], 1);
+      mbar_init(&bar_k_free[s], Tr::kConsumers * 4);
+      mbar_init(&bar_v_free[s], Tr::kConsumers * 4);
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  // Phases run on across tiles: `it` counts K/V tiles (stage it % kStages, use it / kStages of that stage),
+  // `q_it` counts Q loads. Tiles with no visible key load nothing on either side.
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    // ---------------- producer ----------------
+    regs_dealloc<Tr::kProducerRegs>();
+    if (threadIdx.x != 0) return;
+    tma_prefetch_desc(&tmap_q);
+    tma_prefetch_desc(&tmap_k);
+    tma_prefetch_desc(&tmap_v);
+    int it = 0, q_it = 0;
+    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+      const Fa3Tile<Tr> tl(p, mask, tile, num_m_blocks);
+      if (tl.n_count == 0) continue;
+      const int hk = tl.h / p.head_group;
+      if (q_it > 0) mbar_wait(bar_q_free, (q_it - 1) & 1);
+      mbar_arrive_expect_tx(bar_q, Tr::kQBytes);
+#pragma unroll
+      for (int c = 0; c < kPanels; ++c) tma_load_4d(sQ + c * Tr::kPanelQ, &tmap_q, bar_q, c * 64, tl.m0, tl.h, tl.b);
+      ++q_it;
+      for (int i = 0; i < tl.n_count; ++i, ++it) {
+        const int stage = it % kStages;
+        // Use r of a stage waits for release r - 1 (completion r - 1 of its free barrier).
+        const uint32_t free_parity = ((it / kStages) & 1) ^ 1;
+        char* k_dst = sK + stage * Tr::kKVBytes;
+        char* v_dst = sV + stage * Tr::kKVBytes;
+        if (it >= kStages) mbar_wait(&bar_k_free[stage], free_parity);
+        mbar_arrive_expect_tx(&bar_k[stage], Tr::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < kPanels; ++c)
+          tma_load_4d(k_dst + c * Tr::kPanelKV, &tmap_k, &bar_k[stage], c * 64, tl.n0(i), hk, tl.b);
+        if (it >= kStages) mbar_wait(&bar_v_free[stage], free_parity);
+        mbar_arrive_expect_tx(&bar_v[stage], Tr::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < kPanels; ++c)
+          tma_load_4d(v_dst + c * Tr::kPanelKV, &tmap_v, &bar_v[stage], c * 64, tl.n0(i), hk, tl.b);
+      }
+    }
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  regs_alloc<Tr::kConsumerRegs>();
+  const int cw = warpgroup - 1;                        // consumer index: query rows [64 cw, 64 cw + 64) of a tile
+  const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const uint32_t q_base = sm90::smem_addr(sQ) + cw * 64 * 128;
+  const uint32_t k_smem = sm90::smem_addr(sK), v_smem = sm90::smem_addr(sV);
+  using C = fa3::Consumer<Tr>;
+  auto stage_of = [](int it) { return it % kStages; };
+  auto parity_of = [](int it) { return static_cast<uint32_t>((it / kStages) & 1); };
+  auto release = [&](uint64_t* bar) {
+    if (lane == 0) mbar_arrive(bar);
+  };
+  // Ping-pong (Tr::kPingPong): the two consumers take turns issuing their GEMMs, so one warpgroup's softmax
+  // runs while the other's GEMMs occupy the tensor cores. Named barrier 1 + cw is "consumer cw may issue";
+  // consumer 0 goes first (consumer 1's opening pass) and consumes consumer 1's closing pass at exit, so no
+  // arrive is left pending.
+  auto sched_wait = [&] {
+    if constexpr (Tr::kPingPong) named_sync(1 + cw, 256);
+  };
+  auto sched_pass = [&] {
+    if constexpr (Tr::kPingPong) named_arrive(2 - cw, 256);
+  };
+  if (cw == 1) sched_pass();
+
+  int it = 0, q_it = 0;
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const Fa3Tile<Tr> tl(p, mask, tile, num_m_blocks);
+    const int row0 = tl.m0 + cw * 64 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
+    auto needs_mask = [&](int i) { return !mask.tile_fully_visible(tl.m0, tl.m_end, tl.n0(i), tl.n0(i) + kBlockN); };
+
+    float acc_o[kD / 2];
+#pragma unroll
+    for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY};         // log2 domain (scores * scale * log2 e)
+    float row_sum[2] = {0.f, 0.f};
+
+    // Software pipeline over the tile's K/V tiles: while the tensor cores run S(i) = Q K(i)^T and
+    // O += P(i-1) V(i-1), the warpgroup computes the softmax of S(i) as soon as S(i) is done, overlapping
+    // the PV GEMM of the previous tile.
+    float acc_s[kBlockN / 2];
+    uint32_t p_frag[kBlockN / 16][4];
+    uint32_t q_frag[Tr::kQInRegs ? kD / 16 : 1][4];
+    auto qk = [&](int it_k) {
+      if constexpr (Tr::kQInRegs) C::issue_qk_rs(acc_s, q_frag, k_smem + stage_of(it_k) * Tr::kKVBytes);
+      else C::issue_qk(acc_s, q_base, k_smem + stage_of(it_k) * Tr::kKVBytes);
+    };
+    float scale_o[2];
+    const int n = tl.n_count;
+    if (n > 0) {
+      mbar_wait(bar_q, q_it & 1);
+      if constexpr (Tr::kQInRegs) C::load_q(q_frag, q_base, warp, lane);
+      mbar_wait(&bar_k[stage_of(it)], parity_of(it));
+      sched_wait();
+      wgmma_fence();
+      qk(it);
+      wgmma_commit();
+      sched_pass();
+      wgmma_wait<0>();
+      fence_regs(acc_s);
+      release(&bar_k_free[stage_of(it)]);
+      if (n == 1) release(bar_q_free);
+      C::softmax(acc_s, row_max, row_sum, scale_o, mask, needs_mask(0), row0, tl.n0(0), t, p.scale_log2);
+      C::pack_p(p_frag, acc_s);
+    }
+    for (int i = 1; i < n; ++i) {
+      const int cur = it + i, prev = it + i - 1;
+      mbar_wait(&bar_k[stage_of(cur)], parity_of(cur));
+      mbar_wait(&bar_v[stage_of(prev)], parity_of(prev));
+      sched_wait();
+      wgmma_fence();
+      qk(cur);
+      wgmma_commit();
+      C::rescale_o(acc_o, scale_o);  // to the max of S(i-1), on the CUDA cores while S(i) runs
+      wgmma_fence();
+      C::issue_pv(acc_o, p_frag, v_smem + stage_of(prev) * Tr::kKVBytes);
+      wgmma_commit();
+      sched_pass();
+      wgmma_wait<1>();  // S(i) done; PV(i-1) may still run
+      fence_regs(acc_s);
+      release(&bar_k_free[stage_of(cur)]);
+      if (i == n - 1) release(bar_q_free);
+      C::softmax(acc_s, row_max, row_sum, scale_o, mask, needs_mask(i), row0, tl.n0(i), t, p.scale_log2);
+      wgmma_wait<0>();  // PV(i-1) done: O and p_frag may be rewritten, V(i-1) released
+      fence_regs(acc_o);
+      release(&bar_v_free[stage_of(prev)]);
+      C::pack_p(p_frag, acc_s);
+    }
+    if (n > 0) {
+      const int last = it + n - 1;
+      mbar_wait(&bar_v[stage_of(last)], parity_of(last));
+      C::rescale_o(acc_o, scale_o);
+      sched_wait();
+      wgmma_fence();
+      C::issue_pv(acc_o, p_frag, v_smem + stage_of(last) * Tr::kKVBytes);
+      wgmma_commit();
+      sched_pass();
+      wgmma_wait<0>();
+      fence_regs(acc_o);
+      release(&bar_v_free[stage_of(last)]);
+      it += n;
+      ++q_it;
+    }
+
+    // Epilogue: normalise, write O (rows < seqlen_q) and lse. The producer is already loading the next tile.
+    T* o = static_cast<T*>(p.o) + tl.b * p.o_batch_stride + tl.h * p.o_head_stride;
+    float* lse = p.lse + (static_cast<int64_t>(tl.b) * p.heads_q + tl.h) * p.seqlen_q;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float sum = fa3::quad_sum(row_sum[r]);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const int row = row0 + 8 * r;
+      if (row < p.seqlen_q) {
+        T* orow = o + static_cast<int64_t>(row) * p.o_row_stride;
+#pragma unroll
+        for (int j = 0; j < kD / 8; ++j)
+          *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
+              fa3::pack2<T>(acc_o[4 * j + 2 * r] * inv, acc_o[4 * j + 2 * r + 1] * inv);
+        if (t == 0) lse[row] = sum > 0.f ? (row_max[r] + __log2f(sum)) * 0.69314718055994530942f : -INFINITY;
+      }
+    }
+  }
+  if (cw == 0) sched_wait();
+#endif
+}
+
+}  // namespace fae

@@ -1,0 +1,45 @@
+// Host-side launch of the Hopper forward for one (dtype, head dim): tensor maps for Q, K, V, then the kernel.
+#pragma once
+#include <cuda_runtime.h>
+#include <type_traits>
+#include "../launch.h"
+#include "../../sm90/tma.h"
+#include "fwd_kernel.cuh"
+
+namespace fae {
+
+template <typename T, int kHeadDim>
+void run_fa3_fwd(const FwdParams& params, cudaStream_t stream) {
+  using Tr = Fa3FwdTraits<T, kHeadDim>;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  const int64_t num_m_blocks = (params.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM;
+  const int64_t blocks = num_m_blocks * params.batch * params.heads_q;
+  if (blocks == 0) return;
+  const CUtensorMap tq = sm90::make_bhsd_tmap(params.q, kBf16, params.batch, params.heads_q, params.seqlen_q, kHeadDim,
+                                              params.q_batch_stride, params.q_head_stride, params.q_row_stride,
+                                              Tr::kBlockM);
+  const CUtensorMap tk = sm90::make_bhsd_tmap(params.k, kBf16, params.batch, params.heads_kv, params.seqlen_k, kHeadDim,
+                                              params.k_batch_stride, params.k_head_stride, params.k_row_stride,
+                                              Tr::kBlockN);
+  const CUtensorMap tv = sm90::make_bhsd_tmap(params.v, kBf16, params.batch, params.heads_kv, params.seqlen_k, kHeadDim,
+                                              params.v_batch_stride, params.v_head_stride, params.v_row_stride,
+                                              Tr::kBlockN);
+  auto kernel = fa3_fwd_kernel<Tr>;
+  set_smem_limit(kernel, Tr::kSmemBytes, "fa3_fwd");
+  // Persistent: one block per SM (the tile needs all of its shared memory), each striding over the tiles;
+  // otherwise one block per tile (the kernel's tile loop then runs once).
+  int device = 0, sms = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute(SMs)");
+  const int num_tiles = static_cast<int>(grid_size(blocks, "fa3_fwd"));
+#ifdef FAE_FA3_PERSISTENT
+  constexpr bool kPersistent = FAE_FA3_PERSISTENT;
+#else
+  constexpr bool kPersistent = false;  // measured: the hardware's dynamic block scheduling balances better
+#endif
+  const int grid = kPersistent && num_tiles > sms ? sms : num_tiles;
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(params, tq, tk, tv, num_tiles);
+  check_cuda(cudaGetLastError(), "fa3_fwd launch");
+}
+
+}  // namespace fae
