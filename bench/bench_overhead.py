@@ -3,6 +3,7 @@ decides the time: attention() forward, forward + backward, attention_with_kvcach
 SDPA flash and cuDNN (and torch ops for merge_states) measured in the same run.
 
     python bench/bench_overhead.py [--calls 2000] [--out DIR] [--no-decode-throughput]
+    python bench/bench_overhead.py --python-layer     (no GPU needed)
 
 Three numbers per (case, implementation), microseconds per call:
   host_us   host time alone: `calls` back-to-back calls timed with perf_counter, the clock stopped BEFORE the
@@ -16,6 +17,9 @@ layer of the public API costs.
 
 The decode-throughput section (issue #12's target) compares the public attention_with_kvcache with the raw op
 at B1 L32k and B64 L4k (paged, page 16, GQA 32/8, D128): event_us of each and their ratio.
+
+--python-layer times, on any machine, only the Python that attention() runs on a CUDA tensor before the op
+(validate.scalar_args and the call), with the op replaced by a stub: the part of host_us that is Python.
 
 Writes overhead_results.json into --out (default $OUT, else bench/results) and prints the tables.
 """
@@ -172,12 +176,50 @@ def decode_throughput():
     return out
 
 
+def python_layer_us(calls=20000, loops=7):
+    """Best-of-loops us per call of attention()'s CUDA-branch Python with a stub op (see the docstring)."""
+    from flashattn_ext import validate
+    q = torch.randn(1, 32, 128, 128, dtype=BF16)
+    out, lse = torch.empty_like(q), torch.empty(1, 32, 128)
+
+    def stub(*args):
+        return out, lse
+
+    def python_layer(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -1), algorithm="auto",
+                     deterministic=False):  # the statements of attention()'s CUDA branch, stub for the op
+        if isinstance(q, torch.Tensor) and (q.is_cuda or True):
+            scale, left, right = validate.scalar_args(q, causal, scale, window, return_lse, deterministic, algorithm)
+            o, l = stub(q, k, v, scale, left, right, deterministic, algorithm)
+            return (o, l) if return_lse else o
+
+    cases = {"causal=True": lambda: python_layer(q, q, q, causal=True),
+             "causal, scale, window, return_lse": lambda: python_layer(q, q, q, causal=True, scale=0.1,
+                                                                        window=(64, -1), return_lse=True),
+             "stub op alone": lambda: stub(q, q, q, 0.1, -1, 0, False, "auto")}
+    res = {}
+    for name, fn in cases.items():
+        for _ in range(1000):
+            fn()
+        best = float("inf")
+        for _ in range(loops):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+        res[name] = best
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calls", type=int, default=2000, help="calls per host-timed loop (>= 2000 for the issue)")
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results"))
     p.add_argument("--no-decode-throughput", action="store_true", help="skip the B1 L32k / B64 L4k section")
+    p.add_argument("--python-layer", action="store_true", help="only time attention()'s Python (no GPU needed)")
     args = p.parse_args()
+    if args.python_layer:
+        report.print_table(["attention() Python layer", "us/call"], [[k, v] for k, v in python_layer_us().items()])
+        return
     if not (torch.cuda.is_available() and _ops.HAS_CUDA_EXT):
         raise SystemExit(f"needs a GPU and a built extension (build_info: {flashattn_ext.build_info()})")
     os.makedirs(args.out, exist_ok=True)
