@@ -18,6 +18,12 @@ tokens equal ``model.generate``'s (a disagreement is accepted only where the flo
 are within that error bound: a tie at this precision). Then tokens/s of both on the same batch (every prompt, the
 same number of new tokens; transformers with left padding and its attention mask).
 
+Why our own forward rather than an ``attn_implementation``: in transformers 5.x ``LlamaAttention`` calls
+``past_key_values.update(k, v, layer)`` and hands the attention function the keys it returns, i.e. the whole
+sequence as one contiguous tensor. A paged cache would need a Cache subclass whose update returns only the new
+keys plus per-call lengths and block tables smuggled through kwargs; reusing the model's modules directly keeps
+the cache explicit and the loop short.
+
 On CPU, ``attention_with_kvcache`` runs its PyTorch reference path, so the example runs anywhere (slowly).
 ``run()`` returns the results for tests/test_generate_example.py.
 """
