@@ -106,7 +106,8 @@ def run_case(seed, device):
     lens = torch.tensor(c["lens"], dtype=torch.int32)
     dt = c["dtype"]
     on = lambda t: None if t is None else t.to(device, dt, copy=True)  # copy: never alias the CPU originals
-    kc, vc = cache_view(on(k_buf), c), cache_view(on(v_buf), c)
+    k_dev, v_dev = on(k_buf), on(v_buf)
+    kc, vc = cache_view(k_dev, c), cache_view(v_dev, c)
     k_cache, v_cache = cache_view(k_buf, c), cache_view(v_buf, c)
     kn, vn = (on(k_new), on(v_new)) if c["append"] else (None, None)
     with torch.no_grad():
@@ -118,7 +119,8 @@ def run_case(seed, device):
     ref_k, ref_v = k_cache.double(), v_cache.double()  # copies: the reference appends in place
     ref, ref_lse = kvcache_reference(q.double(), ref_k, ref_v, lens, k_new=new(k_new.double()),
                                      v_new=new(v_new.double()), **kw)
-    lp_k, lp_v = k_cache.to(dt, copy=True), v_cache.to(dt, copy=True)
+    lp_kbuf, lp_vbuf = k_buf.to(dt, copy=True), v_buf.to(dt, copy=True)
+    lp_k, lp_v = cache_view(lp_kbuf, c), cache_view(lp_vbuf, c)  # views: the reference's append lands in the buffers
     lowp, _ = kvcache_reference(q.to(dt), lp_k, lp_v, lens, k_new=new(k_new.to(dt)), v_new=new(v_new.to(dt)),
                                 upcast=False, **kw)
     out, lse = out.cpu(), lse.cpu()
@@ -129,8 +131,9 @@ def run_case(seed, device):
         assert err <= bound, f"{where}: sequence {b}: max |out - ref| = {err:.3e} > bound {bound:.3e}"
     lse_err, lse_ok = lse_check(lse, ref_lse.float())
     assert lse_ok, f"{where}: lse err {lse_err:.2e} or -inf rows differ"
-    # The append wrote exactly the new tokens' slots (reference cache in dtype, NaN slots included).
-    assert torch.equal(bits(kc.cpu()), bits(lp_k)) and torch.equal(bits(vc.cpu()), bits(lp_v)), \
+    # The append wrote exactly the new tokens' slots: whole buffers (a strided cache's padding included) bitwise
+    # equal to the reference's, NaN slots included.
+    assert torch.equal(bits(k_dev.cpu()), bits(lp_kbuf)) and torch.equal(bits(v_dev.cpu()), bits(lp_vbuf)), \
         f"{where}: cache after the call differs from the reference append"
 
 
