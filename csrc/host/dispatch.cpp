@@ -1,7 +1,9 @@
 // Family choice and per-family launch (see dispatch.h). Each family's scratch buffers are allocated here, next
 // to its launch, so fwd.cpp / bwd.cpp stay family-neutral.
 #include "dispatch.h"
+#include <algorithm>
 #include <string>
+#include <vector>
 #include "switch.h"
 #include "checks.h"
 
@@ -32,10 +34,11 @@ bool fa3_fwd_available(int head_dim) {
   // The kernels are compiled for every arch in the build, but only the sm_90a image holds the Hopper code (the
   // others are empty stubs), so the family exists only in builds that list 90a.
   static const bool has_sm90a = std::string(FAE_CUDA_ARCHS).find("90a") != std::string::npos;
-  if (!has_sm90a || (head_dim != 64 && head_dim != 128 && head_dim != 256)) return false;
-  for (int d : compiled_head_dims())
-    if (d == head_dim) return true;
-  return false;
+  static const std::vector<int> fa3 = head_dim_list(Fa3HeadDims{}), built = compiled_head_dims();
+  const auto has = [head_dim](const std::vector<int>& dims) {
+    return std::find(dims.begin(), dims.end(), head_dim) != dims.end();
+  };
+  return has_sm90a && has(fa3) && has(built);
 }
 
 Family choose_family(c10::string_view algorithm, int arch, Direction direction, int head_dim) {
@@ -52,9 +55,12 @@ Family choose_family(c10::string_view algorithm, int arch, Direction direction, 
     if (direction == Direction::kBwd) return Family::kFa2;
     TORCH_CHECK_VALUE(arch == 90, "algorithm='fa3' needs a Hopper GPU (compute capability 9.0, sm_90a), got ",
                       std::to_string(arch / 10), ".", std::to_string(arch % 10));
-    TORCH_CHECK_VALUE(fa3_fwd_available(head_dim), "algorithm='fa3' is not available for head dim ",
-                      std::to_string(head_dim), " in this build (the Hopper family takes head dims ",
-                      "64, 128, 256", " and needs a build with arch 90a)");
+    if (!fa3_fwd_available(head_dim)) {
+      std::string dims;
+      for (int d : head_dim_list(Fa3HeadDims{})) dims += (dims.empty() ? "" : ", ") + std::to_string(d);
+      TORCH_CHECK_VALUE(false, "algorithm='fa3' is not available for head dim ", std::to_string(head_dim),
+                        " in this build (the Hopper family takes head dims ", dims, " and needs a build with arch 90a)");
+    }
     return Family::kFa3;
   }
   TORCH_CHECK_VALUE(false, "algorithm must be one of ", kAlgorithmNames, ", got '", std::string(algorithm), "'");
@@ -132,7 +138,7 @@ void run_fwd(Family family, const FwdParams& params, const at::Tensor& q, cudaSt
           launch_fa1_fwd<T, kHeadDim>(params, q, stream);
           return;
         case Family::kFa3:
-          if constexpr (kHeadDim % 64 == 0) {  // choose_family only picks fa3 for its head dims
+          if constexpr (in_head_dims<kHeadDim>(Fa3HeadDims{})) {  // instantiated for these (generate.py)
             run_fa3_fwd<T, kHeadDim>(params, stream);
             return;
           }
