@@ -1,0 +1,53 @@
+// Host-side launch of the Hopper backward for one (dtype, head dim): the FA2 preprocess (Delta, lse_log2,
+// zeroed dq_accum; family-neutral), the dK/dV kernel with dQ through fp32 atomics, then the FA2 dq convert
+// (dq = dq_accum * scale in q's dtype and layout). The host op allocates the buffers as for FA2
+// (dispatch.cpp launch_fa2_bwd) and zeroes the gradients itself when there is no query row or no key.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdexcept>
+#include <type_traits>
+#include "../../fa2/bwd_preprocess.cuh"
+#include "../../include/launch.h"
+#include "../../sm90/tma.h"
+#include "bwd_kernel.cuh"
+
+namespace fae {
+
+template <typename T, int kHeadDim>
+void run_fa3_bwd(const BwdParams& p, cudaStream_t stream) {
+  using Tr = Fa3BwdTraits<T, kHeadDim>;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  if (p.deterministic || p.dq_accum == nullptr)
+    throw std::runtime_error("flashattn_ext: the Hopper backward has no deterministic mode yet (dQ uses atomics)");
+  const int64_t rows_padded = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q_rounded;
+  if (rows_padded == 0 || p.seqlen_q == 0 || p.seqlen_k == 0) return;
+
+  constexpr int kRowsPerBlock = kBwdAuxBlockThreads / kBwdRowThreads;
+  fa2_bwd_preprocess_kernel<T, kHeadDim>
+      <<<grid_size((rows_padded + kRowsPerBlock - 1) / kRowsPerBlock, "fa3_bwd preprocess"), kBwdAuxBlockThreads, 0,
+         stream>>>(p);
+  check_cuda(cudaGetLastError(), "fa3_bwd preprocess launch");
+
+  const CUtensorMap tq = sm90::make_bhsd_tmap(p.q, kBf16, p.batch, p.heads_q, p.seqlen_q, kHeadDim, p.q_batch_stride,
+                                              p.q_head_stride, p.q_row_stride, Tr::kBlockM);
+  const CUtensorMap tdo = sm90::make_bhsd_tmap(p.dout, kBf16, p.batch, p.heads_q, p.seqlen_q, kHeadDim,
+                                               p.do_batch_stride, p.do_head_stride, p.do_row_stride, Tr::kBlockM);
+  const CUtensorMap tk = sm90::make_bhsd_tmap(p.k, kBf16, p.batch, p.heads_kv, p.seqlen_k, kHeadDim, p.k_batch_stride,
+                                              p.k_head_stride, p.k_row_stride, Tr::kBlockN);
+  const CUtensorMap tv = sm90::make_bhsd_tmap(p.v, kBf16, p.batch, p.heads_kv, p.seqlen_k, kHeadDim, p.v_batch_stride,
+                                              p.v_head_stride, p.v_row_stride, Tr::kBlockN);
+  auto kernel = fa3_bwd_dkdv_kernel<Tr>;
+  set_smem_limit(kernel, Tr::kSmemBytes, "fa3_bwd");
+  if (p.heads_kv > 65535 || p.batch > 65535) throw std::runtime_error("flashattn_ext: fa3_bwd grid exceeds the CUDA limit");
+  const dim3 grid(grid_size((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, "fa3_bwd"), p.heads_kv, p.batch);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tq, tk, tv, tdo);
+  check_cuda(cudaGetLastError(), "fa3_bwd launch");
+
+  const int64_t chunks = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q * (kHeadDim / 8);
+  fa2_bwd_convert_dq_kernel<T, kHeadDim>
+      <<<grid_size((chunks + kBwdAuxBlockThreads - 1) / kBwdAuxBlockThreads, "fa3_bwd convert"), kBwdAuxBlockThreads,
+         0, stream>>>(p);
+  check_cuda(cudaGetLastError(), "fa3_bwd convert_dq launch");
+}
+
+}  // namespace fae

@@ -1,0 +1,26 @@
+// Hopper PTX wrappers the backward adds to ptx.h: a 1-D bulk copy (row vectors next to the TMA tiles), the
+// generic-to-async proxy fence (registers stored to shared memory before a wgmma reads them) and a vector
+// fp32 reduce-add to global memory (dQ accumulation).
+#pragma once
+#include <cstdint>
+#include "ptx.h"
+
+namespace fae::sm90 {
+
+// Copies `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory, completing
+// on an mbarrier like the tensor copies.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
+
+// Makes this thread's ordinary shared-memory stores visible to the async proxy (wgmma operand reads, TMA).
+__device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// *addr += (x, y) for two adjacent floats (8-byte aligned), one relaxed atomic per pair.
+__device__ __forceinline__ void red_add_v2(float* addr, float x, float y) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(addr), "f"(x), "f"(y) : "memory");
+}
+
+}  // namespace fae::sm90
