@@ -2,7 +2,8 @@
 
 Inline asm needs a literal operand list, one "+f" per fp32 accumulator (N/2 per thread for m64nN), so the
 wrappers are generated rather than written by hand. Run: python3 csrc/sm90/gen_wgmma.py (output is checked in).
-  ss_*: A and B from shared memory (descriptors), used for S = Q K^T.
+  ss_*: A and B from shared memory (descriptors), used for S = Q K^T (trans_b 0) and the backward's
+        dK += dS^T Q (trans_b 1).
   rs_*: A from registers (4 x b32 of packed 16-bit pairs per thread), B from shared memory, used for O += P V
         (trans_b 1) and for S = Q K^T with Q held in registers (trans_b 0).
   ss_ta_*: A MN-major in shared memory (stored K rows x M columns), B MN-major: the backward's dQ = dS K, with
@@ -14,6 +15,7 @@ import pathlib
 SS_N = (64, 128, 176, 192)       # kBlockN choices for QK^T
 RS_N = (64, 128, 256)            # head dims for PV (and the backward's dV += P^T dO, dK += dS^T Q)
 SS_TA_N = (64, 128)              # head dims for the backward's dQ = dS K
+SS_TB_N = (64, 128)              # head dims for the backward's dK += dS^T Q (dS^T from shared memory)
 TYPES = (("bf16", "bf16"), ("f16", "f16"))
 
 
@@ -71,6 +73,8 @@ def main():
             parts.append(rs(n, t[0], 1))
         for n in SS_N:
             parts.append(rs(n, t[0], 0))
+        for n in SS_TB_N:
+            parts.append(ss(n, t[0], 1))
         for n in SS_TA_N:
             parts.append(ss(n, t[0], 1, trans_a=1))
     parts += ["", "}  // namespace fae::sm90", ""]

@@ -7,10 +7,11 @@
 //   warpgroups 1, 2 (consumers): 64 key rows each, so every GEMM has the key rows as its M side:
 //     S^T = K Q^T, dP^T = V dO^T              (SS: K, V, Q, dO all K-major as TMA stores them)
 //     P^T = exp2(S^T * scale_log2 - lse_log2), dS^T = P^T * (dP^T - Delta)   (in the accumulators)
-//     dV += P^T dO, dK += dS^T Q              (RS: P^T, dS^T straight from the accumulators; dO, Q MN-major)
-//     dQ_part = dS K                          (SS: dS^T stored to shared memory as this warpgroup holds it,
-//                                              read as an MN-major A; K MN-major), added to dq_accum with
-//                                              fp32 vector atomics.
+//     dV += P^T dO                            (RS: P^T straight from the accumulator; dO MN-major)
+//     dK += dS^T Q                            (SS: dS^T stored to shared memory as this warpgroup holds it,
+//                                              K-major; Q MN-major)
+//     dQ_part = dS K                          (SS: the same dS^T read as an MN-major A; K MN-major), added to
+//                                              dq_accum with fp32 vector atomics.
 //   dK, dV stay in registers across the whole loop (GQA sums the group's query heads there) and are written
 //   once at the end: dK scaled by the softmax scale; dQ is scaled by the convert kernel.
 // Query rows past seqlen_q load as zeros and have lse_log2 = +inf (padding of the row buffers), so their P is
@@ -80,14 +81,23 @@ struct BwdConsumer {
     }
   }
 
-  // acc (64 keys x D) += A (64 keys x kBlockM queries, registers) B, B = dO or Q tile MN-major: a 16-query
-  // k-step is 2 atoms of 8 rows (sbo = 1024), D spans the panels (lbo = panel bytes). Issues only.
+  // acc (64 keys x D) += A (64 keys x kBlockM queries) B, B = dO or Q tile MN-major: a 16-query k-step is 2
+  // atoms of 8 rows (sbo = 1024), D spans the panels (lbo = panel bytes). A from registers (dV += P^T dO) or,
+  // K-major, from the stored dS^T (dK += dS^T Q: 64 queries = one 128-byte panel). Issue only.
   static __device__ __forceinline__ void issue_rs(float (&acc)[kD / 2], const uint32_t (&a)[kBlockM / 16][4],
                                                   uint32_t b_base) {
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk) {
       const uint64_t db = sm90::smem_desc_sw128(b_base + kk * 16 * 128, Tr::kPanelQ, 1024);
       sm90::WgmmaRS<kD, T, 1>::run(acc, a[kk], db, 1);
+    }
+  }
+  static __device__ __forceinline__ void issue_ss(float (&acc)[kD / 2], uint32_t a_base, uint32_t b_base) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+      const uint64_t da = sm90::smem_desc_sw128(a_base + kk * 32, 16, 1024);
+      const uint64_t db = sm90::smem_desc_sw128(b_base + kk * 16 * 128, Tr::kPanelQ, 1024);
+      sm90::WgmmaSS<kD, T, 1>::run(acc, da, db, 1);
     }
   }
 
@@ -110,17 +120,17 @@ struct BwdConsumer {
       for (int r = 0; r < 4; ++r) frag[kk][r] = pack2<T>(acc[8 * kk + 2 * r], acc[8 * kk + 2 * r + 1]);
   }
 
-  // Stores the packed dS^T fragment as 64 swizzled 128-byte rows (one per key): the pair at (key row rr,
-  // queries 8j + 2t, +1) goes to 16-byte chunk j ^ (rr % 8) of row rr. Across a warp the 8 row groups hit 8
-  // different chunks: no bank conflicts.
-  static __device__ __forceinline__ void store_ds(char* ds, const uint32_t (&frag)[kBlockM / 16][4], int warp, int g,
-                                                  int t) {
+  // Stores dS^T (the accumulator) as 64 swizzled 128-byte rows, one per key: the pair at (key row rr,
+  // queries 8j + 2t, +1) goes to 16-byte chunk j ^ (rr % 8) of row rr, as TMA would store a 64 x 64 tile.
+  // Across a warp the 8 row groups hit 8 different chunks: no bank conflicts.
+  static __device__ __forceinline__ void store_ds(char* ds, const float (&acc)[kBlockM / 2], int warp, int g, int t) {
 #pragma unroll
     for (int j = 0; j < kBlockM / 8; ++j)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int rr = warp * 16 + g + 8 * r;
-        *reinterpret_cast<uint32_t*>(ds + rr * 128 + ((j ^ g) << 4) + 4 * t) = frag[j / 2][2 * (j % 2) + r];
+        *reinterpret_cast<uint32_t*>(ds + rr * 128 + ((j ^ g) << 4) + 4 * t) =
+            pack2<T>(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]);
       }
   }
 };
@@ -235,7 +245,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     wgmma_commit();
 
     // P^T = exp2(S^T * scale_log2 - lse_log2[query]); masked entries 0.
-    wgmma_wait<1>();
+    wgmma_wait<1>();  // S done; dP may still run
     fence_regs(acc_s);
     const float* lse = sLse + stage * kBlockM;
     const float* delta = sDelta + stage * kBlockM;
@@ -252,8 +262,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           if (needs_mask && !mask.visible(m0 + 8 * j + 2 * t + e, key0 + 8 * r)) x = 0.f;
         }
     }
+    // dV += P^T dO runs while the warpgroup computes dS.
+    uint32_t p_frag[kBlockM / 16][4];
+    C::pack(p_frag, acc_s);
+    wgmma_fence();
+    C::issue_rs(acc_dv, p_frag, do_base);
+    wgmma_commit();
+
     // dS^T = P^T * (dP^T - Delta[query]).
-    wgmma_wait<0>();
+    wgmma_wait<1>();
     fence_regs(acc_dp);
 #pragma unroll
     for (int j = 0; j < kBlockM / 8; ++j) {
@@ -266,21 +283,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           acc_dp[i] = acc_s[i] * (acc_dp[i] - (e ? d.y : d.x));
         }
     }
-    uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];
-    C::pack(p_frag, acc_s);
-    C::pack(ds_frag, acc_dp);
 
-    // dS^T to shared memory for the dQ GEMM. The barrier before the stores: every warp of this warpgroup is
-    // past the previous step's dQ GEMM, which read this buffer. The one after: all of dS^T is written.
+    // dS^T to shared memory, the A operand of dK += dS^T Q (K-major) and dQ = dS K (MN-major). The barrier
+    // before the stores: every warp of this warpgroup is past the previous step's GEMMs, which read this
+    // buffer. The one after: all of dS^T is written.
     named_sync(1 + cw, 128);
-    C::store_ds(ds, ds_frag, warp, g, t);
+    C::store_ds(ds, acc_dp, warp, g, t);
     fence_proxy_async_smem();
     named_sync(1 + cw, 128);
 
     float acc_dq[kD / 2];
     wgmma_fence();
-    C::issue_rs(acc_dv, p_frag, do_base);
-    C::issue_rs(acc_dk, ds_frag, q_base);
+    C::issue_ss(acc_dk, ds_base, q_base);
     C::issue_dq(acc_dq, ds_base, k_base);
     wgmma_commit();
     wgmma_wait<0>();
