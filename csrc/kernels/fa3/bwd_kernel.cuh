@@ -56,6 +56,17 @@ struct Fa3BwdTraits {
   static constexpr int kBarrierOffset = kDeltaOffset + kStages * kRowBytes;
   static constexpr int kSmemBytes = kBarrierOffset + 8 * (1 + 2 * kStages) + 1024;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // dQ of a step: either each consumer multiplies its own 64 keys of dS into the whole dQ tile (dQ reaches
+  // global memory twice per step), or, split, each consumer takes half of dQ's columns over all 128 keys of
+  // the block (half the atomics and accumulator registers; the consumers then wait for each other's dS^T).
+  // The split needs D / 2 to be whole 64-column panels of K: D128.
+#ifdef FAE_FA3_BWD_DQ_SPLIT
+  static constexpr bool kDqSplit = FAE_FA3_BWD_DQ_SPLIT && kHeadDim == 128;
+#else
+  static constexpr bool kDqSplit = false;
+#endif
+  static constexpr int kDqCols = kDqSplit ? kHeadDim / kConsumers : kHeadDim;  // dQ columns per consumer
+  static constexpr int kDqKeys = kDqSplit ? kBlockN : 64;                       // keys per consumer's dQ GEMM
   // D256 does not fit: dK and dV alone would take 256 accumulator registers per thread.
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper backward takes head dims 64 and 128");
   static_assert(kBwdSeqRound % kBlockM == 0, "query tiles must not run past the padded row buffers");
@@ -101,14 +112,15 @@ struct BwdConsumer {
     }
   }
 
-  // dQ_part (kBlockM queries x D) = dS (queries x 64 keys) K (64 keys x D). dS^T is stored keys x queries
-  // (one 128-byte swizzled row per key), which is A MN-major; K rows are MN-major B. Issues only.
-  static __device__ __forceinline__ void issue_dq(float (&acc)[kD / 2], uint32_t ds_base, uint32_t k_base) {
+  // dQ_part (kBlockM queries x kDqCols) = dS (queries x kDqKeys keys) K (kDqKeys keys x kDqCols). dS^T is
+  // stored keys x queries (one 128-byte swizzled row per key; the consumers' tiles are adjacent), which is A
+  // MN-major; K rows are MN-major B. Issues only.
+  static __device__ __forceinline__ void issue_dq(float (&acc)[Tr::kDqCols / 2], uint32_t ds_base, uint32_t k_base) {
 #pragma unroll
-    for (int kk = 0; kk < 64 / 16; ++kk) {
+    for (int kk = 0; kk < Tr::kDqKeys / 16; ++kk) {
       const uint64_t da = sm90::smem_desc_sw128(ds_base + kk * 16 * 128, Tr::kDsBytes, 1024);
       const uint64_t db = sm90::smem_desc_sw128(k_base + kk * 16 * 128, Tr::kPanelKV, 1024);
-      sm90::WgmmaSSTransA<kD, T, 1>::run(acc, da, db, kk > 0);
+      sm90::WgmmaSSTransA<Tr::kDqCols, T, 1>::run(acc, da, db, kk > 0);
     }
   }
 
@@ -224,6 +236,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const uint32_t k_base = sm90::smem_addr(sK) + cw * 64 * 128, v_base = sm90::smem_addr(sV) + cw * 64 * 128;
   char* ds = sDs + cw * Tr::kDsBytes;
   const uint32_t ds_base = sm90::smem_addr(ds);
+  // dQ GEMM operands: split, all keys' dS^T and K's panel cw (columns [64 cw, 64 cw + 64)); else this
+  // consumer's keys only.
+  const uint32_t dq_a = Tr::kDqSplit ? sm90::smem_addr(sDs) : ds_base;
+  const uint32_t dq_b = Tr::kDqSplit ? sm90::smem_addr(sK) + cw * Tr::kPanelKV : k_base;
+  // Who shares the dS^T buffers: this warpgroup, or both consumers when dQ reads the other's keys.
+  auto ds_sync = [&] {
+    if constexpr (Tr::kDqSplit) named_sync(3, 256);
+    else named_sync(1 + cw, 128);
+  };
   using C = fa3::BwdConsumer<Tr>;
 
   float acc_dk[kD / 2], acc_dv[kD / 2];
@@ -285,17 +306,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
 
     // dS^T to shared memory, the A operand of dK += dS^T Q (K-major) and dQ = dS K (MN-major). The barrier
-    // before the stores: every warp of this warpgroup is past the previous step's GEMMs, which read this
-    // buffer. The one after: all of dS^T is written.
-    named_sync(1 + cw, 128);
+    // before the stores: every warp that reads this buffer is past the previous step's GEMMs. The one after:
+    // all of dS^T is written.
+    ds_sync();
     C::store_ds(ds, acc_dp, warp, g, t);
     fence_proxy_async_smem();
-    named_sync(1 + cw, 128);
+    ds_sync();
 
-    float acc_dq[kD / 2];
+    float acc_dq[Tr::kDqCols / 2];
     wgmma_fence();
     C::issue_ss(acc_dk, ds_base, q_base);
-    C::issue_dq(acc_dq, ds_base, k_base);
+    C::issue_dq(acc_dq, dq_a, dq_b);
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(acc_dv);
@@ -304,10 +325,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (lane == 0) mbar_arrive(&bar_free[stage]);
 
     // dq_accum rows m0 + warp * 16 + g (+ 8), padded to seqlen_q_rounded: no bounds check.
-    float* dq = p.dq_accum + ((static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q_rounded + m0 + warp * 16 + g) * kD +
-                2 * t;
+    const int64_t dq_row = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q_rounded + m0 + warp * 16 + g;
+    float* dq = p.dq_accum + dq_row * kD + (Tr::kDqSplit ? cw * Tr::kDqCols : 0) + 2 * t;
 #pragma unroll
-    for (int j = 0; j < kD / 8; ++j) {
+    for (int j = 0; j < Tr::kDqCols / 8; ++j) {
       red_add_v2(dq + 8 * j, acc_dq[4 * j], acc_dq[4 * j + 1]);
       red_add_v2(dq + 8 * kD + 8 * j, acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
     }
