@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Build and run the standalone Hopper backward probe (bench/fa3_bwd_probe.cu) on the device, each run under a
 # timeout (a hung mbarrier wait must not burn the whole call): check, then (if it passed) time, for each
-# variant in $VARIANTS (nvcc -D flags; "base" = the defaults). Logs under $OUT: bwd_probe_<variant>_*.log.
+# variant in $VARIANTS (space-separated; a variant is "base" = the defaults, or comma-separated nvcc -D
+# macros). Logs under $OUT: bwd_probe_<variant>_*.log.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 NVCC="nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -lineinfo -Xptxas -v -Icsrc"
-VARIANTS=${VARIANTS:-"base FAE_FA3_BWD_DQ_SPLIT=1"}
+VARIANTS=${VARIANTS:-"base FAE_FA3_BWD_DQ_SPLIT=1 FAE_FA3_BWD_DQ_BULK=1 FAE_FA3_BWD_DQ_SPLIT=1,FAE_FA3_BWD_DQ_BULK=1"}
 status=0
 for variant in $VARIANTS; do
-  flags=""; [ "$variant" != base ] && flags="-D$variant"
-  tag=$(echo "$variant" | tr '=' '_'); bin=/tmp/fa3_bwd_probe_$tag
+  flags=""; [ "$variant" != base ] && flags="-D${variant//,/ -D}"
+  tag=$(echo "$variant" | tr '=,' '_-'); bin=/tmp/fa3_bwd_probe_$tag
   echo "=== variant $variant"
   rm -f "$bin"
   $NVCC $flags ${PROBE_FLAGS:-} bench/fa3_bwd_probe.cu -o "$bin" > "$OUT/bwd_probe_${tag}_build.log" 2>&1

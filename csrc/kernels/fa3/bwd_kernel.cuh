@@ -27,6 +27,7 @@
 #include "../../sm90/ptx.h"
 #include "../../sm90/ptx_bwd.h"
 #include "../../sm90/wgmma_ops.h"
+#include "bwd_dq.cuh"
 
 namespace fae {
 
@@ -46,16 +47,6 @@ struct Fa3BwdTraits {
   static constexpr int kKVBytes = kPanelKV * kPanels;
   static constexpr int kRowBytes = kBlockM * 4;     // lse_log2 or Delta of one query tile
   static constexpr int kDsBytes = 64 * kBlockM * 2; // one consumer's dS^T tile (64 keys x kBlockM queries)
-  // K | V | Q stages | dO stages | dS^T per consumer | lse stages | Delta stages | mbarriers; the swizzled
-  // tiles first, each a multiple of the 1024-byte atom.
-  static constexpr int kQOffset = 2 * kKVBytes;
-  static constexpr int kDoOffset = kQOffset + kStages * kQBytes;
-  static constexpr int kDsOffset = kDoOffset + kStages * kQBytes;
-  static constexpr int kLseOffset = kDsOffset + kConsumers * kDsBytes;
-  static constexpr int kDeltaOffset = kLseOffset + kStages * kRowBytes;
-  static constexpr int kBarrierOffset = kDeltaOffset + kStages * kRowBytes;
-  static constexpr int kSmemBytes = kBarrierOffset + 8 * (1 + 2 * kStages) + 1024;
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   // dQ of a step: either each consumer multiplies its own 64 keys of dS into the whole dQ tile (dQ reaches
   // global memory twice per step), or, split, each consumer takes half of dQ's columns over all 128 keys of
   // the block (half the atomics and accumulator registers; the consumers then wait for each other's dS^T).
@@ -67,6 +58,25 @@ struct Fa3BwdTraits {
 #endif
   static constexpr int kDqCols = kDqSplit ? kHeadDim / kConsumers : kHeadDim;  // dQ columns per consumer
   static constexpr int kDqKeys = kDqSplit ? kBlockN : 64;                       // keys per consumer's dQ GEMM
+  // How dQ reaches dq_accum: per-thread vector atomics (row-major dq_accum), or staged in shared memory and
+  // added by one bulk reduce per consumer and step (dq_accum in fragment order, bwd_dq.cuh).
+#ifdef FAE_FA3_BWD_DQ_BULK
+  static constexpr bool kDqBulk = FAE_FA3_BWD_DQ_BULK;
+#else
+  static constexpr bool kDqBulk = false;
+#endif
+  static constexpr int kDqPartBytes = kBlockM * kDqCols * 4;  // one consumer's dQ part (fp32)
+  // K | V | Q stages | dO stages | dS^T per consumer | dQ part per consumer (bulk only) | lse stages |
+  // Delta stages | mbarriers; the swizzled tiles first, each a multiple of the 1024-byte atom.
+  static constexpr int kQOffset = 2 * kKVBytes;
+  static constexpr int kDoOffset = kQOffset + kStages * kQBytes;
+  static constexpr int kDsOffset = kDoOffset + kStages * kQBytes;
+  static constexpr int kDqOffset = kDsOffset + kConsumers * kDsBytes;
+  static constexpr int kLseOffset = kDqOffset + (kDqBulk ? kConsumers * kDqPartBytes : 0);
+  static constexpr int kDeltaOffset = kLseOffset + kStages * kRowBytes;
+  static constexpr int kBarrierOffset = kDeltaOffset + kStages * kRowBytes;
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * (1 + 2 * kStages) + 1024;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   // D256 does not fit: dK and dV alone would take 256 accumulator registers per thread.
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper backward takes head dims 64 and 128");
   static_assert(kBwdSeqRound % kBlockM == 0, "query tiles must not run past the padded row buffers");
@@ -175,13 +185,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   const int n0 = blockIdx.x * kBlockN, hk = blockIdx.y, b = blockIdx.z;
   const WindowMask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
-  // Query tiles with a row that sees some key of this block, for each query head of the group.
-  const int q_begin = mask.query_begin(n0), q_end = mask.query_end(min(n0 + kBlockN, p.seqlen_k));
-  const int m_first = q_begin / kBlockM;
-  const int m_count = q_end > q_begin ? (q_end + kBlockM - 1) / kBlockM - m_first : 0;
-  const int steps = m_count * p.head_group;
-  auto head_of = [&](int s) { return hk * p.head_group + s / m_count; };
-  auto m0_of = [&](int s) { return (m_first + s % m_count) * kBlockM; };
+  // The steps: query tiles with a row that sees some key of this block, for each query head of the group.
+  // Computed by each side after its register reallocation (a value live across setmaxnreg gets spilled).
+  struct Steps {
+    int m_first, m_count, count, h0;
+    __device__ __forceinline__ Steps(const BwdParams& p, const WindowMask& mask, int n0, int hk) {
+      const int q_begin = mask.query_begin(n0), q_end = mask.query_end(min(n0 + kBlockN, p.seqlen_k));
+      m_first = q_begin / kBlockM;
+      m_count = q_end > q_begin ? (q_end + kBlockM - 1) / kBlockM - m_first : 0;
+      count = m_count * p.head_group;
+      h0 = hk * p.head_group;
+    }
+    __device__ __forceinline__ int head(int s) const { return h0 + s / m_count; }
+    __device__ __forceinline__ int m0(int s) const { return (m_first + s % m_count) * kBlockM; }
+  };
 
   if (threadIdx.x == 0) {
     mbar_init(bar_kv, 1);
@@ -197,7 +214,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if (warpgroup == 0) {
     // ---------------- producer ----------------
     regs_dealloc<Tr::kProducerRegs>();
-    if (threadIdx.x != 0 || steps == 0) return;  // no step: nothing is loaded, nothing left in flight
+    if (threadIdx.x != 0) return;
+    const Steps steps(p, mask, n0, hk);
+    if (steps.count == 0) return;  // nothing is loaded, nothing left in flight
     tma_prefetch_desc(&tmap_q);
     tma_prefetch_desc(&tmap_k);
     tma_prefetch_desc(&tmap_v);
@@ -208,11 +227,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       tma_load_4d(sK + c * Tr::kPanelKV, &tmap_k, bar_kv, c * 64, n0, hk, b);
       tma_load_4d(sV + c * Tr::kPanelKV, &tmap_v, bar_kv, c * 64, n0, hk, b);
     }
-    for (int s = 0; s < steps; ++s) {
+    for (int s = 0; s < steps.count; ++s) {
       const int stage = s % kStages;
       // Use r of a stage waits for release r - 1 (completion r - 1 of its free barrier).
       if (s >= kStages) mbar_wait(&bar_free[stage], ((s / kStages) & 1) ^ 1);
-      const int h = head_of(s), m0 = m0_of(s);
+      const int h = steps.head(s), m0 = steps.m0(s);
       mbar_arrive_expect_tx(&bar_full[stage], 2 * Tr::kQBytes + 2 * Tr::kRowBytes);
 #pragma unroll
       for (int c = 0; c < kPanels; ++c) {
@@ -241,6 +260,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const uint32_t dq_a = Tr::kDqSplit ? sm90::smem_addr(sDs) : ds_base;
   const uint32_t dq_b = Tr::kDqSplit ? sm90::smem_addr(sK) + cw * Tr::kPanelKV : k_base;
   // Who shares the dS^T buffers: this warpgroup, or both consumers when dQ reads the other's keys.
+  const int tid = threadIdx.x % 128;
   auto ds_sync = [&] {
     if constexpr (Tr::kDqSplit) named_sync(3, 256);
     else named_sync(1 + cw, 128);
@@ -251,9 +271,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
   for (int i = 0; i < kD / 2; ++i) acc_dk[i] = acc_dv[i] = 0.f;
 
-  if (steps > 0) mbar_wait(bar_kv, 0);
-  for (int s = 0; s < steps; ++s) {
-    const int stage = s % kStages, h = head_of(s), m0 = m0_of(s);
+  const Steps steps(p, mask, n0, hk);
+  if (steps.count > 0) mbar_wait(bar_kv, 0);
+  for (int s = 0; s < steps.count; ++s) {
+    const int stage = s % kStages, h = steps.head(s), m0 = steps.m0(s);
     const uint32_t q_base = sm90::smem_addr(sQ + stage * Tr::kQBytes);
     const uint32_t do_base = sm90::smem_addr(sDo + stage * Tr::kQBytes);
     mbar_wait(&bar_full[stage], (s / kStages) & 1);
@@ -308,6 +329,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // dS^T to shared memory, the A operand of dK += dS^T Q (K-major) and dQ = dS K (MN-major). The barrier
     // before the stores: every warp that reads this buffer is past the previous step's GEMMs. The one after:
     // all of dS^T is written.
+    if constexpr (Tr::kDqBulk) {
+      if (tid == 0) bulk_wait_read<0>();  // the previous step's dQ part is read: the buffer is free after ds_sync
+    }
     ds_sync();
     C::store_ds(ds, acc_dp, warp, g, t);
     fence_proxy_async_smem();
@@ -324,14 +348,32 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     fence_regs(acc_dq);
     if (lane == 0) mbar_arrive(&bar_free[stage]);
 
-    // dq_accum rows m0 + warp * 16 + g (+ 8), padded to seqlen_q_rounded: no bounds check.
-    const int64_t dq_row = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q_rounded + m0 + warp * 16 + g;
-    float* dq = p.dq_accum + dq_row * kD + (Tr::kDqSplit ? cw * Tr::kDqCols : 0) + 2 * t;
+    // dq_accum rows m0 .. m0 + 63 (padded to seqlen_q_rounded: no bounds check), this consumer's columns.
+    const int64_t tile_row = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q_rounded + m0;
+    if constexpr (Tr::kDqBulk) {
+      float* dq_part = reinterpret_cast<float*>(smem + Tr::kDqOffset) + cw * (Tr::kDqPartBytes / 4);
 #pragma unroll
-    for (int j = 0; j < Tr::kDqCols / 8; ++j) {
-      red_add_v2(dq + 8 * j, acc_dq[4 * j], acc_dq[4 * j + 1]);
-      red_add_v2(dq + 8 * kD + 8 * j, acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
+      for (int j = 0; j < Tr::kDqCols / 8; ++j)
+        *reinterpret_cast<float4*>(dq_part + fa3::dq_frag_offset(j, tid)) =
+            make_float4(acc_dq[4 * j], acc_dq[4 * j + 1], acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
+      fence_proxy_async_smem();
+      named_sync(4 + cw, 128);
+      if (tid == 0) {
+        const int part = Tr::kDqSplit ? cw : 0;
+        bulk_reduce_add_f32(p.dq_accum + tile_row * kD + part * (Tr::kDqPartBytes / 4), dq_part, Tr::kDqPartBytes);
+        bulk_commit();
+      }
+    } else {
+      float* dq = p.dq_accum + (tile_row + warp * 16 + g) * kD + (Tr::kDqSplit ? cw * Tr::kDqCols : 0) + 2 * t;
+#pragma unroll
+      for (int j = 0; j < Tr::kDqCols / 8; ++j) {
+        red_add_v2(dq + 8 * j, acc_dq[4 * j], acc_dq[4 * j + 1]);
+        red_add_v2(dq + 8 * kD + 8 * j, acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
+      }
     }
+  }
+  if constexpr (Tr::kDqBulk) {
+    if (tid == 0) bulk_wait<0>();  // the shared-memory source must outlive the reads (and the block)
   }
 
   // Epilogue: dK * scale and dV in the input dtype, rows < seqlen_k (a block with no step writes zeros).

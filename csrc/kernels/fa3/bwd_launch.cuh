@@ -1,6 +1,6 @@
 // Host-side launch of the Hopper backward for one (dtype, head dim): the FA2 preprocess (Delta, lse_log2,
-// zeroed dq_accum; family-neutral), the dK/dV kernel with dQ through fp32 atomics, then the FA2 dq convert
-// (dq = dq_accum * scale in q's dtype and layout). The host op allocates the buffers as for FA2
+// zeroed dq_accum; family-neutral), the dK/dV kernel with dQ added to fp32 dq_accum, then the dq convert
+// (dq = dq_accum * scale in q's dtype and layout; FA2's for a row-major dq_accum, bwd_dq.cuh's otherwise). The host op allocates the buffers as for FA2
 // (dispatch.cpp launch_fa2_bwd) and zeroes the gradients itself when there is no query row or no key.
 #pragma once
 #include <cuda_runtime.h>
@@ -44,9 +44,9 @@ void run_fa3_bwd(const BwdParams& p, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "fa3_bwd launch");
 
   const int64_t chunks = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q * (kHeadDim / 8);
-  fa2_bwd_convert_dq_kernel<T, kHeadDim>
-      <<<grid_size((chunks + kBwdAuxBlockThreads - 1) / kBwdAuxBlockThreads, "fa3_bwd convert"), kBwdAuxBlockThreads,
-         0, stream>>>(p);
+  const unsigned convert_grid = grid_size((chunks + kBwdAuxBlockThreads - 1) / kBwdAuxBlockThreads, "fa3_bwd convert");
+  if constexpr (Tr::kDqBulk) fa3::fa3_bwd_convert_dq_kernel<Tr><<<convert_grid, kBwdAuxBlockThreads, 0, stream>>>(p);
+  else fa2_bwd_convert_dq_kernel<T, kHeadDim><<<convert_grid, kBwdAuxBlockThreads, 0, stream>>>(p);
   check_cuda(cudaGetLastError(), "fa3_bwd convert_dq launch");
 }
 
