@@ -17,8 +17,8 @@ for variant in $VARIANTS; do
   grep -E "error|C75|injected" "$OUT/bwd_probe_${tag}_build.log" | head -5
   grep -A2 "Compiling entry function.*fa3_bwd_dkdv" "$OUT/bwd_probe_${tag}_build.log" | grep -E "spill" | sort | uniq -c
   test -x "$bin" || { tail -20 "$OUT/bwd_probe_${tag}_build.log"; status=1; continue; }
-  timeout 180 "$bin" check 2>&1 | tee "$OUT/bwd_probe_${tag}_check.log"; rc=${PIPESTATUS[0]}
+  timeout 60 "$bin" check 2>&1 | tee "$OUT/bwd_probe_${tag}_check.log"; rc=${PIPESTATUS[0]}
   echo "check rc=$rc"
-  if [ "$rc" = 0 ]; then timeout 180 "$bin" time 2>&1 | tee "$OUT/bwd_probe_${tag}_time.log"; else status=1; fi
+  if [ "$rc" = 0 ]; then timeout 90 "$bin" time 2>&1 | tee "$OUT/bwd_probe_${tag}_time.log"; else status=1; fi
 done
 exit $status
