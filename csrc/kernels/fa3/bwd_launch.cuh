@@ -1,7 +1,8 @@
 // Host-side launch of the Hopper backward for one (dtype, head dim): the FA2 preprocess (Delta, lse_log2,
 // zeroed dq_accum; family-neutral), the dK/dV kernel with dQ added to fp32 dq_accum, then the dq convert
-// (dq = dq_accum * scale in q's dtype and layout; FA2's for a row-major dq_accum, bwd_dq.cuh's otherwise). The host op allocates the buffers as for FA2
-// (dispatch.cpp launch_fa2_bwd) and zeroes the gradients itself when there is no query row or no key.
+// (dq = dq_accum * scale in q's dtype and layout; FA2's for a row-major dq_accum, bwd_dq.cuh's otherwise).
+// The host op allocates the buffers as for FA2 (dispatch.cpp launch_fa2_bwd: seqlen_q_rounded a multiple of
+// kBwdSeqRound, dq_accum non-null) and zeroes the gradients itself when there is no query row or no key.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdexcept>
