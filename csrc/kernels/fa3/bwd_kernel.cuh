@@ -1,4 +1,4 @@
-// Hopper (sm_90a) FlashAttention backward: the dK/dV kernel (dQ leaves it through fp32 atomics).
+// Hopper (sm_90a) FlashAttention backward: the dK/dV kernel (dQ leaves it as fp32 reduce-adds to dq_accum).
 //
 // One block per (key tile of 128 rows, kv head, batch), 3 warpgroups:
 //   warpgroup 0 (producer): one thread loads the K and V tiles once (TMA), then streams, for every query head
@@ -11,11 +11,14 @@
 //     dK += dS^T Q                            (SS: dS^T stored to shared memory as this warpgroup holds it,
 //                                              K-major; Q MN-major)
 //     dQ_part = dS K                          (SS: the same dS^T read as an MN-major A; K MN-major), added to
-//                                              dq_accum with fp32 vector atomics.
+//                                              dq_accum with fp32 vector atomics or one bulk reduce
+//                                              (Traits: kDqSplit, kDqBulk).
 //   dK, dV stay in registers across the whole loop (GQA sums the group's query heads there) and are written
 //   once at the end: dK scaled by the softmax scale; dQ is scaled by the convert kernel.
 // Query rows past seqlen_q load as zeros and have lse_log2 = +inf (padding of the row buffers), so their P is
 // 0 without a mask; key rows past seqlen_k and the window are masked where a tile needs it.
+// Not yet: overlap of one step's softmax with the next step's GEMMs inside a warpgroup (the two consumers
+// interleave instead), a deterministic dQ order, head dim 256 (dK + dV alone would take 256 registers/thread).
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>
