@@ -141,6 +141,7 @@ __global__ void ref_dkdv(const float* P, const float* dS, const bf16* q, const b
 struct Case {
   int D, B, Hq, Hkv, Sq, Sk, left, right;
   bool with_dlse;
+  bool bshd = false;  // q, k, v, o, dO and the gradients stored (batch, seq, head, dim): strided heads and rows
 };
 
 // Device buffers of one case; the backward's scratch as the host op allocates it (dispatch.cpp launch_fa2_bwd).
@@ -164,12 +165,30 @@ struct Buffers {
   }
 };
 
+// (B, H, S, D) <-> (B, S, H, D), contiguous both sides.
+__global__ void permute_bhsd(const bf16* src, bf16* dst, int B, int H, int S, int D, bool to_bshd) {
+  const int64_t n = int64_t(B) * H * S * D;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int d = i % D;
+    const int64_t bhs = i / D;
+    const int s = bhs % S, h = (bhs / S) % H, b = bhs / S / H;  // i indexes (b, h, s, d)
+    const int64_t j = ((int64_t(b) * S + s) * H + h) * D + d;
+    if (to_bshd) dst[j] = src[i];
+    else dst[i] = src[j];
+  }
+}
+
 static void run(const Case& c, Buffers& m, cudaStream_t st) {
   BwdParams p{};
   p.q = m.q; p.k = m.k; p.v = m.v; p.o = m.o; p.lse = m.lse; p.dout = m.dout;
   p.dq = m.dq; p.dk = m.dk; p.dv = m.dv;
-  p.q_row_stride = c.D; p.q_head_stride = int64_t(c.Sq) * c.D; p.q_batch_stride = p.q_head_stride * c.Hq;
-  p.k_row_stride = c.D; p.k_head_stride = int64_t(c.Sk) * c.D; p.k_batch_stride = p.k_head_stride * c.Hkv;
+  if (c.bshd) {
+    p.q_row_stride = int64_t(c.Hq) * c.D; p.q_head_stride = c.D; p.q_batch_stride = p.q_row_stride * c.Sq;
+    p.k_row_stride = int64_t(c.Hkv) * c.D; p.k_head_stride = c.D; p.k_batch_stride = p.k_row_stride * c.Sk;
+  } else {
+    p.q_row_stride = c.D; p.q_head_stride = int64_t(c.Sq) * c.D; p.q_batch_stride = p.q_head_stride * c.Hq;
+    p.k_row_stride = c.D; p.k_head_stride = int64_t(c.Sk) * c.D; p.k_batch_stride = p.k_head_stride * c.Hkv;
+  }
   p.v_row_stride = p.k_row_stride; p.v_head_stride = p.k_head_stride; p.v_batch_stride = p.k_batch_stride;
   p.o_row_stride = p.q_row_stride; p.o_head_stride = p.q_head_stride; p.o_batch_stride = p.q_batch_stride;
   p.do_row_stride = p.q_row_stride; p.do_head_stride = p.q_head_stride; p.do_batch_stride = p.q_batch_stride;
@@ -223,7 +242,25 @@ static bool check(const Case& c) {
   CK(cudaMemset(m.dq, 0xff, nq * 2)); CK(cudaMemset(m.dk, 0xff, nk * 2)); CK(cudaMemset(m.dv, 0xff, nk * 2));  // NaN
   CK(cudaMemset(m.dq_accum, 0xff, int64_t(c.B) * c.Hq * m.Sq_r * c.D * 4));  // the preprocess must zero it
   CK(cudaDeviceSynchronize());
-  run(c, m, 0);
+  if (!c.bshd) {
+    run(c, m, 0);
+  } else {  // the same inputs stored (B, S, H, D); the gradients permuted back for the comparison
+    Buffers t(c);
+    permute_bhsd<<<512, 256>>>(m.q, t.q, c.B, c.Hq, c.Sq, c.D, true);
+    permute_bhsd<<<512, 256>>>(m.o, t.o, c.B, c.Hq, c.Sq, c.D, true);
+    permute_bhsd<<<512, 256>>>(m.dout, t.dout, c.B, c.Hq, c.Sq, c.D, true);
+    permute_bhsd<<<512, 256>>>(m.k, t.k, c.B, c.Hkv, c.Sk, c.D, true);
+    permute_bhsd<<<512, 256>>>(m.v, t.v, c.B, c.Hkv, c.Sk, c.D, true);
+    CK(cudaMemcpy(t.lse, m.lse, nrow * 4, cudaMemcpyDeviceToDevice));
+    CK(cudaMemcpy(t.dlse, m.dlse, nrow * 4, cudaMemcpyDeviceToDevice));
+    CK(cudaMemset(t.dq, 0xff, nq * 2)); CK(cudaMemset(t.dk, 0xff, nk * 2)); CK(cudaMemset(t.dv, 0xff, nk * 2));
+    run(c, t, 0);
+    CK(cudaGetLastError());
+    permute_bhsd<<<512, 256>>>(t.dq, m.dq, c.B, c.Hq, c.Sq, c.D, false);
+    permute_bhsd<<<512, 256>>>(t.dk, m.dk, c.B, c.Hkv, c.Sk, c.D, false);
+    permute_bhsd<<<512, 256>>>(t.dv, m.dv, c.B, c.Hkv, c.Sk, c.D, false);
+    CK(cudaDeviceSynchronize());
+  }
   CK(cudaGetLastError());
   ref_p_ds<<<dim3(c.Sq, c.Hq, c.B), 128>>>(m.q, m.k, m.v, m.o, m.dout, m.lse, c.with_dlse ? m.dlse : nullptr, P, dS,
                                            c.Hq, c.Hkv, c.Sq, c.Sk, c.D, scale, c.left, c.right);
@@ -237,8 +274,9 @@ static bool check(const Case& c) {
   // bf16 P and dS feed the GEMMs and the outputs are bf16: errors of a few 1e-3 of the largest gradient.
   bool ok = true;
   for (int i = 0; i < 3; ++i) ok &= e[i] <= 1e-2 * g[i] + 1e-3;
-  printf("%s D%-3d B%d H%d/%d Sq%-5d Sk%-5d win(%d,%d)%s: max err/max|ref| dq %.1e (%.1e) dk %.1e (%.1e) dv %.1e (%.1e)\n",
+  printf("%s D%-3d B%d H%d/%d Sq%-5d Sk%-5d win(%d,%d)%s%s: max err/max|ref| dq %.1e (%.1e) dk %.1e (%.1e) dv %.1e (%.1e)\n",
          ok ? "ok  " : "FAIL", c.D, c.B, c.Hq, c.Hkv, c.Sq, c.Sk, c.left, c.right, c.with_dlse ? " dlse" : "",
+         c.bshd ? " bshd" : "",
          e[0] / std::max(g[0], 1e-30), g[0], e[1] / std::max(g[1], 1e-30), g[1], e[2] / std::max(g[2], 1e-30), g[2]);
   for (float* x : {o32, P, dS, rdq, rdk, rdv}) cudaFree(x);
   return ok;
@@ -288,6 +326,7 @@ int main(int argc, char** argv) {
         {128, 2, 8, 1, 333, 97, -1, 0, false},    {64, 1, 4, 4, 1000, 1000, 0, 0, false},
         {128, 1, 2, 1, 1, 1025, -1, -1, false},   {64, 1, 2, 1, 1025, 1, -1, -1, false},
         {128, 2, 3, 3, 17, 17, -1, -1, true},     {64, 1, 2, 2, 1000, 300, 40, -1, false},
+        {128, 2, 4, 2, 333, 1025, -1, 0, true, true}, {64, 2, 6, 3, 97, 97, -1, -1, false, true},
     };
     for (const Case& c : cases) all_ok &= check(c);
     printf(all_ok ? "CHECK PASS\n" : "CHECK FAIL\n");

@@ -41,7 +41,11 @@ struct Fa3BwdTraits {
   static constexpr int kConsumers = 2;              // consumer warpgroups, 64 key rows each
   static constexpr int kBlockN = 64 * kConsumers;   // key rows per block
   static constexpr int kBlockM = 64;                // query rows per step
+#ifdef FAE_FA3_BWD_STAGES
+  static constexpr int kStages = FAE_FA3_BWD_STAGES;  // Q/dO/lse/Delta stages in flight
+#else
   static constexpr int kStages = 2;
+#endif
   static constexpr int kPanels = kHeadDim / 64;     // 64-column (128-byte) swizzle panels per row
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kPanelQ = kBlockM * 128;     // bytes of one panel of a Q or dO tile
