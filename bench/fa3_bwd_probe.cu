@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <vector>
 #include "kernels/fa3/bwd_launch.cuh"
 
@@ -178,7 +179,9 @@ __global__ void permute_bhsd(const bf16* src, bf16* dst, int B, int H, int S, in
   }
 }
 
-static void run(const Case& c, Buffers& m, cudaStream_t st) {
+enum class Part { kAll, kPreprocess, kDkdv, kConvert };
+
+static void run(const Case& c, Buffers& m, cudaStream_t st, Part part = Part::kAll) {
   BwdParams p{};
   p.q = m.q; p.k = m.k; p.v = m.v; p.o = m.o; p.lse = m.lse; p.dout = m.dout;
   p.dq = m.dq; p.dk = m.dk; p.dv = m.dv;
@@ -202,9 +205,18 @@ static void run(const Case& c, Buffers& m, cudaStream_t st) {
   p.dlse = c.with_dlse ? m.dlse : nullptr;
   p.dsoftmax_sum = m.delta; p.lse_log2 = m.lse_log2; p.dq_accum = m.dq_accum;
   p.seqlen_q_rounded = m.Sq_r; p.deterministic = false;
+  auto launch = [&](auto d) {
+    constexpr int kD = decltype(d)::value;
+    switch (part) {
+      case Part::kAll: run_fa3_bwd<bf16, kD>(p, st); break;
+      case Part::kPreprocess: fa3_bwd_preprocess<bf16, kD>(p, st); break;
+      case Part::kDkdv: fa3_bwd_dkdv<bf16, kD>(p, st); break;
+      case Part::kConvert: fa3_bwd_convert_dq<bf16, kD>(p, st); break;
+    }
+  };
   switch (c.D) {
-    case 64: run_fa3_bwd<bf16, 64>(p, st); break;
-    case 128: run_fa3_bwd<bf16, 128>(p, st); break;
+    case 64: launch(std::integral_constant<int, 64>{}); break;
+    case 128: launch(std::integral_constant<int, 128>{}); break;
     default: printf("bad D\n"); exit(2);
   }
 }
@@ -291,17 +303,23 @@ static void time_case(const Case& c, bool causal) {
   CK(cudaMemset(m.lse, 0, nq / c.D * 4));
   for (int i = 0; i < 3; ++i) run(c, m, 0);
   cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
-  const int reps = 20;
-  std::vector<float> ms(reps);
-  for (int r = 0; r < reps; ++r) {
-    cudaEventRecord(e0); run(c, m, 0); cudaEventRecord(e1); cudaEventSynchronize(e1);
-    cudaEventElapsedTime(&ms[r], e0, e1);
-  }
-  CK(cudaGetLastError());
-  std::sort(ms.begin(), ms.end());
+  auto median_ms = [&](Part part) {  // the dK/dV kernel alone re-adds into dq_accum: harmless for timing
+    const int reps = 20;
+    std::vector<float> ms(reps);
+    for (int r = 0; r < reps; ++r) {
+      cudaEventRecord(e0); run(c, m, 0, part); cudaEventRecord(e1); cudaEventSynchronize(e1);
+      cudaEventElapsedTime(&ms[r], e0, e1);
+    }
+    CK(cudaGetLastError());
+    std::sort(ms.begin(), ms.end());
+    return ms[reps / 2];
+  };
+  const float all = median_ms(Part::kAll), pre = median_ms(Part::kPreprocess), dkdv = median_ms(Part::kDkdv),
+              conv = median_ms(Part::kConvert);
   const double flops = 2.5 * 4.0 * c.B * c.Hq * double(c.Sq) * c.Sk * c.D * (causal ? 0.5 : 1.0);
-  printf("time bwd D%-3d B%-2d H%d/%d S%-5d %-7s %.3f ms  %.0f TFLOP/s\n", c.D, c.B, c.Hq, c.Hkv, c.Sq,
-         causal ? "causal" : "", ms[reps / 2], flops / ms[reps / 2] / 1e9);
+  printf("time bwd D%-3d B%-2d H%d/%d S%-5d %-7s %.3f ms  %.0f TFLOP/s  (preprocess %.3f, dkdv %.3f = %.0f TFLOP/s, "
+         "convert %.3f ms)\n", c.D, c.B, c.Hq, c.Hkv, c.Sq, causal ? "causal" : "", all, flops / all / 1e9, pre, dkdv,
+         flops / dkdv / 1e9, conv);
 }
 
 int main(int argc, char** argv) {

@@ -14,21 +14,21 @@
 
 namespace fae {
 
+// The three launches, separately callable so a probe can time each; run_fa3_bwd is the backward.
 template <typename T, int kHeadDim>
-void run_fa3_bwd(const BwdParams& p, cudaStream_t stream) {
-  using Tr = Fa3BwdTraits<T, kHeadDim>;
-  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  if (p.deterministic || p.dq_accum == nullptr)
-    throw std::runtime_error("flashattn_ext: the Hopper backward has no deterministic mode yet (dQ uses atomics)");
+void fa3_bwd_preprocess(const BwdParams& p, cudaStream_t stream) {
   const int64_t rows_padded = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q_rounded;
-  if (rows_padded == 0 || p.seqlen_q == 0 || p.seqlen_k == 0) return;
-
   constexpr int kRowsPerBlock = kBwdAuxBlockThreads / kBwdRowThreads;
   fa2_bwd_preprocess_kernel<T, kHeadDim>
       <<<grid_size((rows_padded + kRowsPerBlock - 1) / kRowsPerBlock, "fa3_bwd preprocess"), kBwdAuxBlockThreads, 0,
          stream>>>(p);
   check_cuda(cudaGetLastError(), "fa3_bwd preprocess launch");
+}
 
+template <typename T, int kHeadDim>
+void fa3_bwd_dkdv(const BwdParams& p, cudaStream_t stream) {
+  using Tr = Fa3BwdTraits<T, kHeadDim>;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   const CUtensorMap tq = sm90::make_bhsd_tmap(p.q, kBf16, p.batch, p.heads_q, p.seqlen_q, kHeadDim, p.q_batch_stride,
                                               p.q_head_stride, p.q_row_stride, Tr::kBlockM);
   const CUtensorMap tdo = sm90::make_bhsd_tmap(p.dout, kBf16, p.batch, p.heads_q, p.seqlen_q, kHeadDim,
@@ -43,12 +43,26 @@ void run_fa3_bwd(const BwdParams& p, cudaStream_t stream) {
   const dim3 grid(grid_size((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, "fa3_bwd"), p.heads_kv, p.batch);
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tq, tk, tv, tdo);
   check_cuda(cudaGetLastError(), "fa3_bwd launch");
+}
 
+template <typename T, int kHeadDim>
+void fa3_bwd_convert_dq(const BwdParams& p, cudaStream_t stream) {
+  using Tr = Fa3BwdTraits<T, kHeadDim>;
   const int64_t chunks = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q * (kHeadDim / 8);
-  const unsigned convert_grid = grid_size((chunks + kBwdAuxBlockThreads - 1) / kBwdAuxBlockThreads, "fa3_bwd convert");
-  if constexpr (Tr::kDqBulk) fa3::fa3_bwd_convert_dq_kernel<Tr><<<convert_grid, kBwdAuxBlockThreads, 0, stream>>>(p);
-  else fa2_bwd_convert_dq_kernel<T, kHeadDim><<<convert_grid, kBwdAuxBlockThreads, 0, stream>>>(p);
+  const unsigned grid = grid_size((chunks + kBwdAuxBlockThreads - 1) / kBwdAuxBlockThreads, "fa3_bwd convert");
+  if constexpr (Tr::kDqBulk) fa3::fa3_bwd_convert_dq_kernel<Tr><<<grid, kBwdAuxBlockThreads, 0, stream>>>(p);
+  else fa2_bwd_convert_dq_kernel<T, kHeadDim><<<grid, kBwdAuxBlockThreads, 0, stream>>>(p);
   check_cuda(cudaGetLastError(), "fa3_bwd convert_dq launch");
+}
+
+template <typename T, int kHeadDim>
+void run_fa3_bwd(const BwdParams& p, cudaStream_t stream) {
+  if (p.deterministic || p.dq_accum == nullptr)
+    throw std::runtime_error("flashattn_ext: the Hopper backward has no deterministic mode yet (dQ uses atomics)");
+  if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0 || p.seqlen_k == 0) return;
+  fa3_bwd_preprocess<T, kHeadDim>(p, stream);
+  fa3_bwd_dkdv<T, kHeadDim>(p, stream);
+  fa3_bwd_convert_dq<T, kHeadDim>(p, stream);
 }
 
 }  // namespace fae
