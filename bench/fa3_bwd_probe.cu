@@ -143,6 +143,7 @@ struct Case {
   int D, B, Hq, Hkv, Sq, Sk, left, right;
   bool with_dlse;
   bool bshd = false;  // q, k, v, o, dO and the gradients stored (batch, seq, head, dim): strided heads and rows
+  bool det = false;   // deterministic mode (dQ kernel, no atomics): also checked bitwise over repeated runs
 };
 
 // Device buffers of one case; the backward's scratch as the host op allocates it (dispatch.cpp launch_fa2_bwd).
@@ -203,8 +204,8 @@ static void run(const Case& c, Buffers& m, cudaStream_t st, Part part = Part::kA
   p.scale = 1.f / sqrtf(float(c.D)); p.scale_log2 = p.scale * 1.4426950408889634f;
   p.window_left = c.left; p.window_right = c.right;
   p.dlse = c.with_dlse ? m.dlse : nullptr;
-  p.dsoftmax_sum = m.delta; p.lse_log2 = m.lse_log2; p.dq_accum = m.dq_accum;
-  p.seqlen_q_rounded = m.Sq_r; p.deterministic = false;
+  p.dsoftmax_sum = m.delta; p.lse_log2 = m.lse_log2; p.dq_accum = c.det ? nullptr : m.dq_accum;
+  p.seqlen_q_rounded = m.Sq_r; p.deterministic = c.det;
   auto launch = [&](auto d) {
     constexpr int kD = decltype(d)::value;
     switch (part) {
@@ -286,9 +287,27 @@ static bool check(const Case& c) {
   // bf16 P and dS feed the GEMMs and the outputs are bf16: errors of a few 1e-3 of the largest gradient.
   bool ok = true;
   for (int i = 0; i < 3; ++i) ok &= e[i] <= 1e-2 * g[i] + 1e-3;
-  printf("%s D%-3d B%d H%d/%d Sq%-5d Sk%-5d win(%d,%d)%s%s: max err/max|ref| dq %.1e (%.1e) dk %.1e (%.1e) dv %.1e (%.1e)\n",
+  bool same = true;  // deterministic: 5 more runs give the same bits
+  if (c.det && !c.bshd) {
+    std::vector<char> first(2 * (nq + 2 * nk)), again(first.size());
+    auto snapshot = [&](std::vector<char>& out) {
+      CK(cudaMemcpy(out.data(), m.dq, nq * 2, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(out.data() + 2 * nq, m.dk, nk * 2, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(out.data() + 2 * (nq + nk), m.dv, nk * 2, cudaMemcpyDeviceToHost));
+    };
+    snapshot(first);
+    for (int r = 0; r < 5; ++r) {
+      run(c, m, 0);
+      CK(cudaDeviceSynchronize());
+      snapshot(again);
+      same &= first == again;
+    }
+    ok &= same;
+  }
+  printf("%s D%-3d B%d H%d/%d Sq%-5d Sk%-5d win(%d,%d)%s%s%s: max err/max|ref| dq %.1e (%.1e) dk %.1e (%.1e) dv %.1e "
+         "(%.1e)\n",
          ok ? "ok  " : "FAIL", c.D, c.B, c.Hq, c.Hkv, c.Sq, c.Sk, c.left, c.right, c.with_dlse ? " dlse" : "",
-         c.bshd ? " bshd" : "",
+         c.bshd ? " bshd" : "", c.det ? (same ? " det(bitwise x6)" : " det(NOT REPRODUCIBLE)") : "",
          e[0] / std::max(g[0], 1e-30), g[0], e[1] / std::max(g[1], 1e-30), g[1], e[2] / std::max(g[2], 1e-30), g[2]);
   for (float* x : {o32, P, dS, rdq, rdk, rdv}) cudaFree(x);
   return ok;
@@ -314,9 +333,14 @@ static void time_case(const Case& c, bool causal) {
     std::sort(ms.begin(), ms.end());
     return ms[reps / 2];
   };
-  const float all = median_ms(Part::kAll), pre = median_ms(Part::kPreprocess), dkdv = median_ms(Part::kDkdv),
-              conv = median_ms(Part::kConvert);
   const double flops = 2.5 * 4.0 * c.B * c.Hq * double(c.Sq) * c.Sk * c.D * (causal ? 0.5 : 1.0);
+  const float all = median_ms(Part::kAll);
+  if (c.det) {  // FLOPs counted as for the atomic path (the dQ kernel's recomputation is overhead)
+    printf("time bwd D%-3d B%-2d H%d/%d S%-5d %-7s deterministic %.3f ms  %.0f TFLOP/s\n", c.D, c.B, c.Hq, c.Hkv, c.Sq,
+           causal ? "causal" : "", all, flops / all / 1e9);
+    return;
+  }
+  const float pre = median_ms(Part::kPreprocess), dkdv = median_ms(Part::kDkdv), conv = median_ms(Part::kConvert);
   printf("time bwd D%-3d B%-2d H%d/%d S%-5d %-7s %.3f ms  %.0f TFLOP/s  (preprocess %.3f, dkdv %.3f = %.0f TFLOP/s, "
          "convert %.3f ms)\n", c.D, c.B, c.Hq, c.Hkv, c.Sq, causal ? "causal" : "", all, flops / all / 1e9, pre, dkdv,
          flops / dkdv / 1e9, conv);
@@ -345,6 +369,11 @@ int main(int argc, char** argv) {
         {128, 1, 2, 1, 1, 1025, -1, -1, false},   {64, 1, 2, 1, 1025, 1, -1, -1, false},
         {128, 2, 3, 3, 17, 17, -1, -1, true},     {64, 1, 2, 2, 1000, 300, 40, -1, false},
         {128, 2, 4, 2, 333, 1025, -1, 0, true, true}, {64, 2, 6, 3, 97, 97, -1, -1, false, true},
+        // deterministic mode
+        {64, 1, 1, 1, 128, 128, -1, -1, false, false, true},   {128, 2, 4, 2, 1025, 1025, -1, 0, true, false, true},
+        {64, 1, 3, 1, 97, 333, -1, 0, false, false, true},     {128, 1, 2, 2, 333, 97, -1, 0, false, false, true},
+        {128, 1, 2, 1, 17, 1000, 100, 5, false, false, true},  {64, 3, 2, 2, 1, 1, -1, -1, false, false, true},
+        {128, 2, 4, 2, 333, 1025, -1, 0, true, true, true},    {64, 4, 16, 4, 1025, 1025, -1, 0, false, false, true},
     };
     for (const Case& c : cases) all_ok &= check(c);
     printf(all_ok ? "CHECK PASS\n" : "CHECK FAIL\n");
@@ -357,6 +386,7 @@ int main(int argc, char** argv) {
       time_case({128, 4, 16, 16, 4096, 4096, -1, right, false}, causal);
       time_case({128, 4, 32, 8, 4096, 4096, -1, right, false}, causal);
       time_case({128, 1, 16, 16, 16384, 16384, -1, right, false}, causal);
+      time_case({128, 4, 16, 16, 4096, 4096, -1, right, false, false, true}, causal);
     }
   }
   return all_ok ? 0 : 1;

@@ -166,7 +166,8 @@ struct BwdConsumer {
 
 }  // namespace fa3
 
-template <typename Tr>
+// kWithDq = false (deterministic mode): dK and dV only; dQ comes from fa3_bwd_dq_kernel.
+template <typename Tr, bool kWithDq>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     fa3_bwd_dkdv_kernel(const __grid_constant__ BwdParams p, const __grid_constant__ CUtensorMap tmap_q,
                         const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_v,
@@ -176,6 +177,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   using T = typename Tr::T;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kD = Tr::kHeadDim, kStages = Tr::kStages;
   constexpr int kPanels = Tr::kPanels;
+  constexpr bool kDqSplit = kWithDq && Tr::kDqSplit, kDqBulk = kWithDq && Tr::kDqBulk;
 
   extern __shared__ char smem_raw[];
   char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -264,12 +266,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const uint32_t ds_base = sm90::smem_addr(ds);
   // dQ GEMM operands: split, all keys' dS^T and K's panel cw (columns [64 cw, 64 cw + 64)); else this
   // consumer's keys only.
-  const uint32_t dq_a = Tr::kDqSplit ? sm90::smem_addr(sDs) : ds_base;
-  const uint32_t dq_b = Tr::kDqSplit ? sm90::smem_addr(sK) + cw * Tr::kPanelKV : k_base;
+  const uint32_t dq_a = kDqSplit ? sm90::smem_addr(sDs) : ds_base;
+  const uint32_t dq_b = kDqSplit ? sm90::smem_addr(sK) + cw * Tr::kPanelKV : k_base;
   // Who shares the dS^T buffers: this warpgroup, or both consumers when dQ reads the other's keys.
   const int tid = threadIdx.x % 128;
   auto ds_sync = [&] {
-    if constexpr (Tr::kDqSplit) named_sync(3, 256);
+    if constexpr (kDqSplit) named_sync(3, 256);
     else named_sync(1 + cw, 128);
   };
   using C = fa3::BwdConsumer<Tr>;
@@ -336,7 +338,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // dS^T to shared memory, the A operand of dK += dS^T Q (K-major) and dQ = dS K (MN-major). The barrier
     // before the stores: every warp that reads this buffer is past the previous step's GEMMs. The one after:
     // all of dS^T is written.
-    if constexpr (Tr::kDqBulk) {
+    if constexpr (kDqBulk) {
       if (tid == 0) bulk_wait_read<0>();  // the previous step's dQ part is read: the buffer is free after ds_sync
     }
     ds_sync();
@@ -344,20 +346,21 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     fence_proxy_async_smem();
     ds_sync();
 
-    float acc_dq[Tr::kDqCols / 2];
+    float acc_dq[kWithDq ? Tr::kDqCols / 2 : 1];
     wgmma_fence();
     C::issue_ss(acc_dk, ds_base, q_base);
-    C::issue_dq(acc_dq, dq_a, dq_b);
+    if constexpr (kWithDq) C::issue_dq(acc_dq, dq_a, dq_b);
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(acc_dv);
     fence_regs(acc_dk);
     fence_regs(acc_dq);
     if (lane == 0) mbar_arrive(&bar_free[stage]);
+    if constexpr (!kWithDq) continue;
 
     // dq_accum rows m0 .. m0 + 63 (padded to seqlen_q_rounded: no bounds check), this consumer's columns.
     const int64_t tile_row = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q_rounded + m0;
-    if constexpr (Tr::kDqBulk) {
+    if constexpr (kDqBulk) {
       float* dq_part = reinterpret_cast<float*>(smem + Tr::kDqOffset) + cw * (Tr::kDqPartBytes / 4);
 #pragma unroll
       for (int j = 0; j < Tr::kDqCols / 8; ++j)
@@ -366,12 +369,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       fence_proxy_async_smem();
       named_sync(4 + cw, 128);
       if (tid == 0) {
-        const int part = Tr::kDqSplit ? cw : 0;
+        const int part = kDqSplit ? cw : 0;
         bulk_reduce_add_f32(p.dq_accum + tile_row * kD + part * (Tr::kDqPartBytes / 4), dq_part, Tr::kDqPartBytes);
         bulk_commit();
       }
-    } else {
-      float* dq = p.dq_accum + (tile_row + warp * 16 + g) * kD + (Tr::kDqSplit ? cw * Tr::kDqCols : 0) + 2 * t;
+    } else if constexpr (kWithDq) {
+      float* dq = p.dq_accum + (tile_row + warp * 16 + g) * kD + (kDqSplit ? cw * Tr::kDqCols : 0) + 2 * t;
 #pragma unroll
       for (int j = 0; j < Tr::kDqCols / 8; ++j) {
         red_add_v2(dq + 8 * j, acc_dq[4 * j], acc_dq[4 * j + 1]);
@@ -379,7 +382,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
     }
   }
-  if constexpr (Tr::kDqBulk) {
+  if constexpr (kDqBulk) {
     if (tid == 0) bulk_wait<0>();  // the shared-memory source must outlive the reads (and the block)
   }
 
