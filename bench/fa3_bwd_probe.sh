@@ -15,7 +15,7 @@ for variant in $VARIANTS; do
   rm -f "$bin"
   $NVCC $flags ${PROBE_FLAGS:-} bench/fa3_bwd_probe.cu -o "$bin" > "$OUT/bwd_probe_${tag}_build.log" 2>&1
   grep -E "error|C75|injected" "$OUT/bwd_probe_${tag}_build.log" | head -5
-  grep -A2 "Compiling entry function.*fa3_bwd_dkdv" "$OUT/bwd_probe_${tag}_build.log" | grep -E "spill" | sort | uniq -c
+  grep -A2 "Compiling entry function.*fa3_bwd_d" "$OUT/bwd_probe_${tag}_build.log" | grep -E "spill" | sort | uniq -c
   test -x "$bin" || { tail -20 "$OUT/bwd_probe_${tag}_build.log"; status=1; continue; }
   timeout 60 "$bin" check 2>&1 | tee "$OUT/bwd_probe_${tag}_check.log"; rc=${PIPESTATUS[0]}
   echo "check rc=$rc"
