@@ -1,8 +1,8 @@
 """Builds flashattn_ext._C (the CUDA kernels) with torch.utils.cpp_extension and ninja.
 
 Knobs (environment variables):
-  FLASHATTN_EXT_CUDA_ARCHS  ';'-separated SM targets, default "80;90a" ("90a" = wgmma-capable Hopper code).
-  FLASHATTN_EXT_HEAD_DIMS   ';'-separated head dims to compile, default all of 32;64;96;128;256.
+  FLASHATTN_EXT_CUDA_ARCHS  ';'-separated SM targets, default CUDA_ARCHS of flashattn_ext/_build_config.py.
+  FLASHATTN_EXT_HEAD_DIMS   ';'-separated head dims to compile, default all HEAD_DIMS of _build_config.py.
   MAX_JOBS                  parallel nvcc jobs; default min(cores, free memory / 2.5 GB).
   FLASHATTN_EXT_NVCC_FLAGS  extra nvcc flags (tuning, e.g. -DFAE_TILE_D=128 -DFAE_TILE_N=32 ...).
   CUDA_HOME                 CUDA toolkit; found from nvcc when unset (nvcc on PATH may be a wrapper).
@@ -10,6 +10,7 @@ Knobs (environment variables):
 import os
 import pathlib
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = pathlib.Path(__file__).parent.resolve()
-ALL_HEAD_DIMS = [32, 64, 96, 128, 256]
+CONFIG = runpy.run_path(str(ROOT / "flashattn_ext" / "_build_config.py"))  # the one dtype x head dim x arch list
+ALL_HEAD_DIMS = list(CONFIG["HEAD_DIMS"])
 
 
 def _has_cudart(home):
@@ -83,7 +85,8 @@ def make_extension():
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    archs = [a for a in os.environ.get("FLASHATTN_EXT_CUDA_ARCHS", "80;90a").replace(",", ";").split(";") if a]
+    default_archs = ";".join(CONFIG["CUDA_ARCHS"])
+    archs = [a for a in os.environ.get("FLASHATTN_EXT_CUDA_ARCHS", default_archs).replace(",", ";").split(";") if a]
     dims_env = os.environ.get("FLASHATTN_EXT_HEAD_DIMS", "")
     head_dims = [int(d) for d in dims_env.replace(",", ";").split(";") if d] or ALL_HEAD_DIMS
     bad = [d for d in head_dims if d not in ALL_HEAD_DIMS]
@@ -91,17 +94,21 @@ def make_extension():
         sys.exit(f"flashattn_ext: FLASHATTN_EXT_HEAD_DIMS has unsupported {bad}; choose from {ALL_HEAD_DIMS}")
 
     csrc = ROOT / "csrc"
+    decode_dims = [d for d in CONFIG["DECODE_HEAD_DIMS"] if d in head_dims]
     sources = sorted((csrc / "host").glob("*.cpp"))
     for cu in sorted((csrc / "instantiations").glob("*.cu")):
-        dim = int(re.search(r"hdim(\d+)", cu.name).group(1))
-        if dim in head_dims:
+        dim = re.search(r"hdim(\d+)", cu.name)
+        if (int(dim.group(1)) in head_dims) if dim else bool(decode_dims):  # merge_states.cu: with decode
             sources.append(cu)
-    defines = [f"-DFAE_NO_HDIM{d}" for d in ALL_HEAD_DIMS if d not in head_dims]
-    defines.append(f'-DFAE_CUDA_ARCHS="{";".join(archs)}"')
+    # The host dispatch (csrc/host, compiled by c++ only) switches over exactly these lists (csrc/host/switch.h).
+    # Not passed to nvcc, which would split a -D value at its commas; the .cu files need none of them.
+    host_defines = [f"-DFAE_HEAD_DIMS={','.join(map(str, head_dims))}", f'-DFAE_CUDA_ARCHS="{";".join(archs)}"']
+    if decode_dims:
+        host_defines.append(f"-DFAE_DECODE_HEAD_DIMS={','.join(map(str, decode_dims))}")
     # No -std: torch picks the C++ standard its headers need (17 for 2.11, 20 for 2.14).
-    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *arch_flags(archs), *defines]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *arch_flags(archs)]
     nvcc_flags += os.environ.get("FLASHATTN_EXT_NVCC_FLAGS", "").split()  # tuning experiments
-    cxx_flags = ["-O3", *defines]
+    cxx_flags = ["-O3", *host_defines]
     print(f"flashattn_ext: CUDA_HOME={os.environ['CUDA_HOME']} archs={archs} head_dims={head_dims} "
           f"MAX_JOBS={os.environ['MAX_JOBS']} sources={len(sources)}")
     ext = CUDAExtension(

@@ -7,7 +7,7 @@ Decode rows: one new token per sequence (Sq = 1), GQA Hq32/Hkv8, D128, bf16, bat
 built on the device), plus one row for the contiguous (B, Hkv, L, D) cache. Ours is timed five ways:
 
   public        attention_with_kvcache(q, k_pages, v_pages, lens, table): eager, no workspace, as a user calls it
-                (includes its argument and value checks)
+                (includes its argument checks; values are checked only with check_values=True, not here)
   public_ws     the same with a preallocated DecodeWorkspace
   public_graph  the public call with the workspace, captured once in a CUDA graph and replayed
   raw           the raw op (flashattn_ext._ops.kvcache_fwd, C++ checks only) with the workspace

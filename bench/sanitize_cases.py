@@ -56,6 +56,49 @@ def decode_cases():
     o2, lse2 = flashattn_ext.merge_states(o, lse, o, lse)
     torch.cuda.synchronize()
     print("ok decode + merge_states")
+    garbage_cases()
+
+
+INT32_MAX, INT32_MIN = 2**31 - 1, -(2**31)
+
+
+def garbage_cases():
+    """Lengths and block tables no caller should pass, with the value check off (the default): the kernels must
+    clamp them. compute-sanitizer memcheck sees any access outside an allocation; the guard pages (never named by
+    a valid table entry) catch writes that stay inside the pool but leave the sequence's pages."""
+    dims = [d for d in (128, 64) if d in flashattn_ext.kvcache.decode_head_dims()]
+    if not dims:
+        return
+    B, Hq, Hkv, D, page, per_seq, guard = 4, 8, 2, dims[0], 16, 3, 2
+    num_pages = B * per_seq + guard
+    capacity = per_seq * page
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    k_pages, v_pages = torch.randn(num_pages, page, Hkv, D, **bf16), torch.randn(num_pages, page, Hkv, D, **bf16)
+    q = torch.randn(B, Hq, 3, D, **bf16)
+    k_new, v_new = torch.randn(B, Hkv, 3, D, **bf16), torch.randn(B, Hkv, 3, D, **bf16)
+    table = torch.arange(B * per_seq, dtype=torch.int32, device="cuda").view(B, per_seq)
+    bad_table = table.clone()
+    bad_table[0, 0], bad_table[1, 1], bad_table[2, 2], bad_table[3, 0] = -1, num_pages, INT32_MAX, INT32_MIN
+    length_sets = {
+        "negative": [-5, -1, INT32_MIN, 0],
+        "over_capacity": [capacity, capacity - 1, capacity + 7, INT32_MAX],
+        "mixed": [INT32_MAX - 1, -3, 5, capacity - 2],
+    }
+    k_guard, v_guard = k_pages[B * per_seq:].clone(), v_pages[B * per_seq:].clone()
+    for name, lens in length_sets.items():
+        lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        for tbl in (table, bad_table):
+            for splits in (1, 3, 0):
+                out = flashattn_ext.attention_with_kvcache(q, k_pages, v_pages, lens, tbl, k_new, v_new,
+                                                           num_splits=splits)
+                assert torch.isfinite(out).all(), f"non-finite output for {name} lengths"
+        k_cont, v_cont = torch.randn(B, Hkv, capacity, D, **bf16), torch.randn(B, Hkv, capacity, D, **bf16)
+        out = flashattn_ext.attention_with_kvcache(q, k_cont, v_cont, lens, None, k_new, v_new)
+        assert torch.isfinite(out).all(), f"non-finite output for {name} lengths (contiguous cache)"
+    torch.cuda.synchronize()
+    assert torch.equal(k_pages[B * per_seq:], k_guard) and torch.equal(v_pages[B * per_seq:], v_guard), \
+        "a write left the pages of the block table"
+    print("ok decode with garbage lengths and block tables (clamped, guard pages untouched)")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ import warnings
 
 import torch
 
+from ._build_config import ALGORITHMS, HEAD_DIMS  # noqa: F401  (ALGORITHMS: validate.check_algorithm)
+
 # Head dims the kernels are instantiated for when the extension cannot tell us (not built yet).
-DEFAULT_HEAD_DIMS = (32, 64, 96, 128, 256)
-ALGORITHMS = ("auto", "fa2", "fa1", "fa3")
+DEFAULT_HEAD_DIMS = HEAD_DIMS
 
 _IMPORT_ERROR = None
 try:
@@ -86,6 +87,9 @@ def _kvcache_fwd_fake(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_
 def _merge_states_fake(o_a, lse_a, o_b, lse_b):
     return o_a.new_empty(o_a.shape), lse_a.new_empty(lse_a.shape, dtype=torch.float32)
 
+
+# The forward op itself, looked up once: attention()'s hot path calls it without walking torch.ops each time.
+FWD = torch.ops.flashattn_ext.fwd.default if _has_op("fwd") else None
 
 for _name, _fake in (("fwd", _fwd_fake), ("bwd", _bwd_fake), ("kvcache_fwd", _kvcache_fwd_fake),
                      ("merge_states", _merge_states_fake)):

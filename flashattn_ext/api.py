@@ -94,7 +94,7 @@ def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -
         # errors as validate.py, picks the kernel family, and handles empty inputs. Python checks only the
         # arguments the op cannot see as given (None scale, the window tuple, causal, bools).
         scale, left, right = validate.scalar_args(q, causal, scale, window, return_lse, deterministic, algorithm)
-        out, lse = torch.ops.flashattn_ext.fwd.default(q, k, v, scale, left, right, deterministic, algorithm)
+        out, lse = _ops.FWD(q, k, v, scale, left, right, deterministic, algorithm)
         return (out, lse) if return_lse else out
 
     scale = validate.validate_attention_args(q, k, v, causal, scale, window, return_lse)

@@ -9,9 +9,9 @@ import numbers
 import torch
 
 from . import _ops, validate
+from ._build_config import DECODE_HEAD_DIMS
 from .reference import attention_reference, effective_window
 
-DECODE_HEAD_DIMS = (64, 128)  # instantiated for decode (csrc/instantiations/decode_*)
 MAX_SPLITS = 256
 
 
@@ -136,12 +136,33 @@ def _check_cuda_layout(t, name):
         raise ValueError(f"{name}.data_ptr() must be 16-byte aligned, got address % 16 == {ptr % 16}")
 
 
-def _checking_values():
-    """Value checks read cache_seqlens / block_table on the host (a sync): skipped while capturing a CUDA graph
-    or tracing with torch.compile, where the kernels' own clamping is the only guard."""
+def _can_read_values():
+    """A host read of cache_seqlens / block_table (a sync) is impossible while capturing a CUDA graph or tracing
+    with torch.compile; the kernels' own clamping is then the only guard."""
     if torch.compiler.is_compiling():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _check_scalars(causal, window, scale, num_splits, return_lse, workspace, head_dim):
+    """The arguments the op cannot check as given; returns ``(scale, left, right)`` with causal folded in."""
+    validate.check_bool(causal, "causal")
+    validate.check_bool(return_lse, "return_lse")
+    validate.check_window(window)
+    scale = validate.check_scale(scale, head_dim)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
+        raise TypeError(f"num_splits must be an int, got {type(num_splits).__name__}")
+    if not 0 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [0, {MAX_SPLITS}] (0 = automatic), got {num_splits}")
+    if workspace is not None and not isinstance(workspace, (DecodeWorkspace, torch.Tensor)):
+        raise TypeError(f"workspace must be a DecodeWorkspace (or a float32 CUDA tensor), got {type(workspace).__name__}")
+    left, right = effective_window(causal, window)
+    return scale, left, right
+
+
+def _capacity(k_cache, block_table):
+    """Tokens each sequence can hold: max_pages * page_size (paged) or max_seqlen (contiguous)."""
+    return block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[2]
 
 
 def validate_kvcache_args(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, causal, window, scale,
@@ -200,16 +221,7 @@ def validate_kvcache_args(q, k_cache, v_cache, cache_seqlens, block_table, k_new
             if tuple(t.shape) != want:
                 raise ValueError(f"{name} must be (batch, kv_heads, q seqlen, head_dim) = {want}, got "
                                  f"{tuple(t.shape)}")
-    validate.check_bool(causal, "causal")
-    validate.check_bool(return_lse, "return_lse")
-    validate.check_window(window)
-    scale = validate.check_scale(scale, D)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
-        raise TypeError(f"num_splits must be an int, got {type(num_splits).__name__}")
-    if not 0 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits must be in [0, {MAX_SPLITS}] (0 = automatic), got {num_splits}")
-    if workspace is not None and not isinstance(workspace, (DecodeWorkspace, torch.Tensor)):
-        raise TypeError(f"workspace must be a DecodeWorkspace (or a float32 CUDA tensor), got {type(workspace).__name__}")
+    scale, _, _ = _check_scalars(causal, window, scale, num_splits, return_lse, workspace, D)
     if cuda:
         validate.check_cuda_runtime(dev)
         if not _ops.HAS_KVCACHE_OP:
@@ -221,18 +233,24 @@ def validate_kvcache_args(q, k_cache, v_cache, cache_seqlens, block_table, k_new
         for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
             if t is not None:
                 _check_cuda_layout(t, name)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_new, v_new)):
-            raise RuntimeError("attention_with_kvcache has no backward: run it under torch.no_grad() / "
-                               "torch.inference_mode(), or detach the inputs")
+        _check_no_grad(q, k_new, v_new)
     if capacity >= 2**31 - 1 or B * Hq * max(Sq, 1) >= 2**31 - 1:
         raise ValueError("cache capacity and batch * heads * seqlen must be < 2**31 - 1")
-    if not cuda or _checking_values():
+    if not cuda:  # the reference indexes the cache with these values: always checked (no sync on CPU)
         _check_values(cache_seqlens, block_table, k_cache, capacity, Sq if k_new is not None else 0)
     return scale
 
 
+def _check_no_grad(q, k_new, v_new):
+    if torch.is_grad_enabled() and (q.requires_grad or (k_new is not None and k_new.requires_grad)
+                                    or (v_new is not None and v_new.requires_grad)):
+        raise RuntimeError("attention_with_kvcache has no backward: run it under torch.no_grad() / "
+                           "torch.inference_mode(), or detach the inputs")
+
+
 def _check_values(cache_seqlens, block_table, k_cache, capacity, extra):
-    """cache_seqlens in range, and every block_table entry the call reads or writes a real page. One host sync."""
+    """cache_seqlens in range, and every block_table entry the call reads or writes a real page. On CUDA tensors
+    this reads them back (one host sync): only with check_values=True."""
     lens = cache_seqlens.to("cpu", torch.int64)
     if lens.numel() == 0:
         return
@@ -262,7 +280,7 @@ def _check_values(cache_seqlens, block_table, k_cache, capacity, extra):
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None, k_new=None, v_new=None,
                            causal=True, window=(-1, -1), scale=None, num_splits=0, return_lse=False,
-                           workspace=None):
+                           workspace=None, check_values=False):
     """Attention of new queries against a KV cache: decode (Sq_new = 1) and chunked prefill (a few tokens).
 
     Args:
@@ -287,32 +305,52 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
         return_lse: also return lse (B, Hq, Sq_new) float32, natural log (-inf for a row that sees no key).
         workspace: optional ``DecodeWorkspace``: the split-KV scratch is taken from it instead of being
             allocated (outputs are still allocated by torch's caching allocator, which is CUDA-graph safe).
+        check_values: also check the VALUES of cache_seqlens and block_table on the host (lengths within the
+            capacity, used block_table entries real pages), raising ValueError before anything is written. On
+            CUDA this reads them back: one host synchronisation, so it is off by default (``PagedKVCache``
+            keeps host copies of lengths and tables and validates its own bookkeeping without a read). It is
+            skipped while a CUDA graph is captured or torch.compile traces. CPU tensors are always checked.
 
-    CUDA graphs: the CUDA path never reads cache_seqlens or block_table on the host, so a decode step can be
-    captured and replayed with new q, cache contents, lengths and block tables (same shapes). Validation of
-    their values (lengths within capacity, used block_table entries in range) needs a host read and therefore
-    only runs when no graph is being captured and torch.compile is not tracing; during capture the kernels
-    clamp lengths to the capacity and skip out-of-range pages instead of faulting. A call that fails
-    validation raises before anything is written: the cache is left bitwise unchanged.
+    No host synchronisation: the CUDA path never reads cache_seqlens or block_table on the host, so a decode
+    step runs asynchronously and can be captured in a CUDA graph and replayed with new q, cache contents,
+    lengths and block tables (same shapes). The kernels clamp every value: a length below 0 counts as 0, one
+    past the capacity as the capacity, an out-of-range page index is skipped (its keys read as zeros, appended
+    tokens for it dropped), so no value can fault or write outside the cache. Wrong values give wrong
+    attention, not a crash: pass ``check_values=True`` while debugging. A call that fails a check raises before
+    anything is written: the cache is left bitwise unchanged.
 
     CUDA: float16 / bfloat16, head dim 64 or 128 (as compiled), compute capability >= 8.0, 16-byte aligned
     rows. Long Sq_new works but re-reads K/V for each block of 16 (query row, head) pairs: use
     ``flashattn_ext.attention`` for long prefills. CPU: ``kvcache_reference`` (float32 math).
     """
-    scale = validate_kvcache_args(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, causal, window,
-                                  scale, num_splits, return_lse, workspace)
-    left, right = effective_window(causal, window)
-    if q.device.type == "cpu":
-        out, lse = kvcache_reference(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new,
-                                     causal=False, window=(left, right), scale=scale)
-    else:
+    validate.check_bool(check_values, "check_values")
+    if _ops.HAS_KVCACHE_OP and isinstance(q, torch.Tensor) and q.is_cuda:
+        # The hot path: the op checks shapes, dtypes, devices and layouts in C++ (csrc/host/kvcache.cpp);
+        # Python checks only what the op cannot see as given, and reads no device memory.
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens)):
+            _check_tensor(t, name)
+        for name, t in (("block_table", block_table), ("k_new", k_new), ("v_new", v_new)):
+            _check_tensor(t, name, optional=True)
+        scale, left, right = _check_scalars(causal, window, scale, num_splits, return_lse, workspace, q.shape[-1])
+        _check_no_grad(q, k_new, v_new)
+        if check_values and _can_read_values():
+            _check_values(cache_seqlens, block_table, k_cache, _capacity(k_cache, block_table),
+                          q.shape[2] if k_new is not None else 0)
         if block_table is not None and block_table.shape[1] > 1 and block_table.stride(1) != 1:
             block_table = block_table.contiguous()
         if cache_seqlens.numel() > 1 and cache_seqlens.stride(0) != 1:
             cache_seqlens = cache_seqlens.contiguous()
         ws = workspace.buffer if isinstance(workspace, DecodeWorkspace) else workspace
         out, lse = _ops.kvcache_fwd(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale,
-                                            left, right, num_splits, ws)
+                                    left, right, num_splits, ws)
+        return (out, lse) if return_lse else out
+
+    # CPU tensors (and CUDA ones without the extension, which validate refuses): every check in Python.
+    scale = validate_kvcache_args(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, causal, window,
+                                  scale, num_splits, return_lse, workspace)
+    left, right = effective_window(causal, window)
+    out, lse = kvcache_reference(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new,
+                                 causal=False, window=(left, right), scale=scale)
     return (out, lse) if return_lse else out
 
 

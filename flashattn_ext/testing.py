@@ -4,12 +4,34 @@ The rule is flash-attn's: a kernel is as accurate as it can be in low precision 
 high-precision oracle is at most twice the error of the same math done naively in the input dtype.
 The oracle here runs in float64, which also keeps it free of TF32 matmuls on GPUs.
 """
+import zlib
+
 import torch
 
+from ._ops import build_info
 from .reference import attention_reference
 
 OUT_FLOOR = 1e-4  # absolute slack for cases where the low-precision reference happens to be ~exact
 LSE_ATOL = 1e-3   # lse is accumulated in fp32 in the kernel
+
+# The GPU tests' common preamble: what this build has, and the head dim a test uses when it does not sweep.
+DEVICE = "cuda"
+FP16, BF16 = torch.float16, torch.bfloat16
+BUILT_HEAD_DIMS = build_info()["head_dims"]
+D_DEFAULT = 128 if 128 in BUILT_HEAD_DIMS else (BUILT_HEAD_DIMS or [128])[0]
+
+
+def need_head_dim(D):
+    """Skip the calling test when head dim D is not compiled into this build."""
+    if D not in BUILT_HEAD_DIMS:
+        import pytest  # only the tests call this; the package does not depend on pytest
+
+        pytest.skip(f"head dim {D} not compiled (build_info()['head_dims'] = {BUILT_HEAD_DIMS})")
+
+
+def seed_of(*params):
+    """A stable per-case seed: the same parameters give the same random inputs in every run."""
+    return zlib.crc32(repr(params).encode())
 
 
 def make_qkv(B, Hq, Hkv, Sq, Sk, D, dtype=torch.float16, device="cpu", layout="bhsd", seed=0):

@@ -2,31 +2,18 @@
 flash-attn's backward rule (3x the error of the same math done in the input dtype), masks, GQA, layouts,
 non-contiguous dO, rows that see nothing, lse gradients, determinism and torch integration (opcheck, compile).
 Skipped without a GPU of compute capability >= 8.0 and a built extension."""
-import zlib
 
 import pytest
 import torch
 
-from flashattn_ext import attention, build_info
+from flashattn_ext import attention
 from flashattn_ext.reference import attention_reference, visible_mask
-from flashattn_ext.testing import make_qkv, max_abs_err
+from flashattn_ext.testing import (BF16, D_DEFAULT, DEVICE, FP16, make_qkv, max_abs_err,
+                                   need_head_dim, seed_of)
 
 pytestmark = pytest.mark.requires_cuda_ext
 
-DEVICE = "cuda"
-FP16, BF16 = torch.float16, torch.bfloat16
-BUILT_HEAD_DIMS = build_info()["head_dims"]
-D_DEFAULT = 128 if 128 in BUILT_HEAD_DIMS else (BUILT_HEAD_DIMS or [128])[0]
 GRAD_FLOOR = 1e-4
-
-
-def need_head_dim(D):
-    if D not in BUILT_HEAD_DIMS:
-        pytest.skip(f"head dim {D} not compiled (build_info()['head_dims'] = {BUILT_HEAD_DIMS})")
-
-
-def seed_of(*params):
-    return zlib.crc32(repr(params).encode())
 
 
 def make_dout(shape, dtype, kind, seed):

@@ -185,3 +185,48 @@ def test_auto_algorithm_rule_is_fa2():
     assert flashattn_ext.resolve_algorithm("auto") == "fa2"
     assert flashattn_ext.resolve_algorithm("fa1") == "fa1"
     assert flashattn_ext.resolve_algorithm("fa3") == "fa3"  # a known name; on a GPU the op decides if it runs
+
+
+# The CUDA hot path runs only validate.scalar_args in Python (the op checks tensors in C++): it must raise the same
+# error as the CPU path for every bad non-tensor argument it sees. (Finite-positive scale is the op's check.)
+SCALAR_CASES = [
+    ("causal_int", dict(causal=1), TypeError, r"^causal must be a bool"),
+    ("causal_none", dict(causal=None), TypeError, r"^causal must be a bool"),
+    ("return_lse_str", dict(return_lse="yes"), TypeError, r"^return_lse must be a bool"),
+    ("deterministic_int", dict(deterministic=1), TypeError, r"^deterministic must be a bool"),
+    ("scale_bool", dict(scale=True), TypeError, r"^scale must be None or a positive float"),
+    ("scale_str", dict(scale="0.1"), TypeError, r"^scale must be None or a positive float"),
+    ("scale_tensor", dict(scale=torch.tensor(0.1)), TypeError, r"^scale must be None"),
+    ("scale_negative_int", dict(scale=-1), ValueError, r"^scale must be a finite positive"),
+    ("window_int", dict(window=4), TypeError, r"^window must be a tuple"),
+    ("window_none", dict(window=None), TypeError, r"^window must be a tuple"),
+    ("window_len3", dict(window=(1, 2, 3)), ValueError, r"^window must have exactly 2 entries"),
+    ("window_float", dict(window=(2.0, -1)), TypeError, r"^window left must be an int"),
+    ("window_bool", dict(window=(-1, True)), TypeError, r"^window right must be an int"),
+    ("window_below_minus_one", dict(window=(-2, 0)), ValueError, r"^window left must be >= -1"),
+    ("window_right_below_causal", dict(window=(3, -5), causal=True), ValueError, r"^window right must be >= -1"),
+    ("algorithm_none", dict(algorithm=None), ValueError, r"^algorithm must be one of"),
+]
+
+
+def scalar_args(causal=False, scale=None, window=(-1, -1), return_lse=False, deterministic=False, algorithm="auto"):
+    return validate.scalar_args(Q, causal, scale, window, return_lse, deterministic, algorithm)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [c[1:] for c in SCALAR_CASES], ids=[c[0] for c in SCALAR_CASES])
+def test_hot_path_scalar_checks_match_the_cpu_path(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        scalar_args(**kwargs)
+    with pytest.raises(exc, match=match):
+        call(**kwargs)
+
+
+def test_hot_path_scalar_args_values():
+    D = Q.shape[-1]
+    assert scalar_args() == (D**-0.5, -1, -1)
+    assert scalar_args(causal=True) == (D**-0.5, -1, 0)
+    assert scalar_args(causal=True, window=(5, 3)) == (D**-0.5, 5, 0)  # causal: min(right, 0)
+    assert scalar_args(window=[np.int64(4), 2], scale=np.float32(0.5)) == (0.5, 4, 2)
+    left, right = scalar_args(window=(np.int64(4), np.int32(2)))[1:]
+    assert type(left) is int and type(right) is int  # plain ints for the op's schema
+    assert scalar_args(scale=2) == (2.0, -1, -1)

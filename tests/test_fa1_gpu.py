@@ -1,28 +1,16 @@
 """FlashAttention-1 forward (torch.ops.flashattn_ext.fwd with algorithm="fa1") against the float64 reference
 (flash-attn's 2x rule) and against the FA2 forward: same semantics (bottom-right masks, GQA, strides, odd sizes, empty rows).
 Skipped without a GPU of compute capability >= 8.0 and a built extension."""
-import zlib
-
 import pytest
 import torch
 
 import flashattn_ext  # noqa: F401  (loads the ops and their fake impls)
-from flashattn_ext import build_info
 from flashattn_ext.api import kernel_window
 from flashattn_ext.reference import visible_mask
-from flashattn_ext.testing import lse_check, make_qkv, max_abs_err, two_x_rule
+from flashattn_ext.testing import (BF16, D_DEFAULT, DEVICE, FP16, lse_check, make_qkv, max_abs_err,
+                                   need_head_dim, seed_of, two_x_rule)
 
 pytestmark = pytest.mark.requires_cuda_ext
-
-DEVICE = "cuda"
-FP16, BF16 = torch.float16, torch.bfloat16
-BUILT_HEAD_DIMS = build_info()["head_dims"]
-D_DEFAULT = 128 if 128 in BUILT_HEAD_DIMS else (BUILT_HEAD_DIMS or [128])[0]
-
-
-def need_head_dim(D):
-    if D not in BUILT_HEAD_DIMS:
-        pytest.skip(f"head dim {D} not compiled (build_info()['head_dims'] = {BUILT_HEAD_DIMS})")
 
 
 def check_fa1(q, k, v, causal=False, window=(-1, -1)):
@@ -55,7 +43,7 @@ def check_fa1(q, k, v, causal=False, window=(-1, -1)):
 
 def run(B, Hq, Hkv, Sq, Sk, D, dtype, causal=False, window=(-1, -1), layout="bhsd"):
     need_head_dim(D)
-    seed = zlib.crc32(repr((B, Hq, Hkv, Sq, Sk, D, dtype, causal, window, layout)).encode())
+    seed = seed_of(B, Hq, Hkv, Sq, Sk, D, dtype, causal, window, layout)
     q, k, v = make_qkv(B, Hq, Hkv, Sq, Sk, D, dtype, DEVICE, layout, seed=seed)
     return check_fa1(q, k, v, causal, window)
 

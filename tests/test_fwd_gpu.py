@@ -2,28 +2,24 @@
 robustness (poisoned memory, NaN padding, races, huge grids) and torch integration (opcheck, compile).
 Skipped without a GPU of compute capability >= 8.0 and a built extension."""
 import math
-import zlib
 
 import pytest
 import torch
 
 import flashattn_ext
 from flashattn_ext import attention as flashattn_attention, build_info
+from flashattn_ext._build_config import FA3_HEAD_DIMS
 from flashattn_ext.reference import visible_mask
-from flashattn_ext.testing import lse_check, make_qkv, two_x_rule
+from flashattn_ext.testing import (BF16, BUILT_HEAD_DIMS, D_DEFAULT, DEVICE, FP16, lse_check, make_qkv,
+                                   need_head_dim, seed_of, two_x_rule)
 
 pytestmark = pytest.mark.requires_cuda_ext
 
-DEVICE = "cuda"
-FP16, BF16 = torch.float16, torch.bfloat16
-BUILT_HEAD_DIMS = build_info()["head_dims"]
-D_DEFAULT = 128 if 128 in BUILT_HEAD_DIMS else (BUILT_HEAD_DIMS or [128])[0]
 OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
 
 
 # Every test here runs once per forward family this GPU has: FA2 everywhere, and the Hopper family (fa3) on
 # compute capability 9.0 with an sm_90a build, for the head dims it takes.
-FA3_HEAD_DIMS = (64, 128, 256)
 HAS_FA3 = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
            and "90a" in build_info().get("cuda_archs", "").split(";"))
 FAMILIES = ["fa2"] + (["fa3"] if HAS_FA3 else [])
@@ -52,15 +48,6 @@ def test_auto_picks_fa3_on_hopper():
             assert flashattn_ext.resolve_algorithm("auto", DEVICE, D) == want
     if 96 in BUILT_HEAD_DIMS:
         assert flashattn_ext.resolve_algorithm("auto", DEVICE, 96) == "fa2"  # not a multiple of 64
-
-
-def need_head_dim(D):
-    if D not in BUILT_HEAD_DIMS:
-        pytest.skip(f"head dim {D} not compiled (build_info()['head_dims'] = {BUILT_HEAD_DIMS})")
-
-
-def seed_of(*params):
-    return zlib.crc32(repr(params).encode())
 
 
 def check(q, k, v, causal=False, window=(-1, -1), scale=None):

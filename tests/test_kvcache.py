@@ -470,11 +470,38 @@ def test_gpu_rejected_call_leaves_cache_unchanged():
     c = make_case(2, 8, 2, 2, D, [40, 9], 16, BF16, DEV, 6)
     bad = c["table"].clone()
     bad[0, 1] = c["k_pages"].shape[0] + 5
-    _rejected_unchanged(c, r"block_table\[0, 1\]", block_table=bad)
+    # Value checks read lengths and tables back (a sync): on CUDA only when asked for.
+    _rejected_unchanged(c, r"block_table\[0, 1\]", block_table=bad, check_values=True)
     cap = c["table"].shape[1] * 16
-    _rejected_unchanged(c, "exceeds the cache capacity",
+    _rejected_unchanged(c, "exceeds the cache capacity", check_values=True,
                         cache_seqlens=torch.tensor([cap - 1, 0], dtype=torch.int32, device=DEV))
     _rejected_unchanged(c, "head_dim", q=torch.randn(2, 8, 2, 96, device=DEV, dtype=BF16))
+
+
+@cuda
+def test_gpu_garbage_values_are_clamped():
+    # Without check_values nothing reads lengths or tables on the host: the kernels clamp them. Negative and
+    # over-capacity lengths, page indices out of range: no fault, finite output, and no write outside the pages
+    # the table names (the spare pages of make_case are named by no entry).
+    D = decode_dims()[-1]
+    c = make_case(3, 8, 2, 2, D, [40, 9, 20], 16, BF16, DEV, 9, spare_pages=3)
+    for t in (c["k_pages"], c["v_pages"]):
+        t.nan_to_num_(0.0)  # empty slots are NaN in make_case: zeros here, so any output NaN is the kernel's
+    used = c["table"].flatten()
+    spare = torch.ones(c["k_pages"].shape[0], dtype=torch.bool, device=DEV)
+    spare[used.long()] = False
+    k_spare, v_spare = c["k_pages"][spare].clone(), c["v_pages"][spare].clone()
+    cap = c["table"].shape[1] * 16
+    bad = c["table"].clone()
+    bad[0, 0], bad[1, 1], bad[2, 0] = -1, c["k_pages"].shape[0], 2**31 - 1
+    for lens in ([-5, cap + 3, 2**31 - 1], [-(2**31), 0, cap - 1]):
+        lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+        for table in (c["table"], bad):
+            with torch.no_grad():
+                out = attention_with_kvcache(c["q"], c["k_pages"], c["v_pages"], lens, table, c["k_new"], c["v_new"])
+            torch.cuda.synchronize()
+            assert torch.isfinite(out).all()
+    assert torch.equal(c["k_pages"][spare], k_spare) and torch.equal(c["v_pages"][spare], v_spare)
 
 
 @cuda

@@ -11,8 +11,8 @@
 #include <limits>
 #include <optional>
 #include <string>
-#include "../include/error_text.h"
-#include "../include/params.h"
+#include "error_text.h"
+#include "../common/params.h"
 
 namespace fae {
 

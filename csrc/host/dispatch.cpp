@@ -2,7 +2,7 @@
 // to its launch, so fwd.cpp / bwd.cpp stay family-neutral.
 #include "dispatch.h"
 #include <string>
-#include "../include/switch.h"
+#include "switch.h"
 #include "checks.h"
 
 namespace fae {

@@ -5,7 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/string_view.h>
 #include <cuda_runtime_api.h>
-#include "../include/params.h"
+#include "../common/params.h"
 
 namespace fae {
 

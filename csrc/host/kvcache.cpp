@@ -6,7 +6,7 @@
 //
 // Only head dims 64 and 128 are instantiated for decode (csrc/instantiations/decode_*); with neither in the
 // build, the ops are not defined and Python falls back / raises.
-#include "../include/switch.h"
+#include "switch.h"
 #ifdef FAE_HAS_DECODE
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,7 +18,7 @@
 #include <optional>
 #include <type_traits>
 #include <vector>
-#include "../include/params.h"
+#include "../common/params.h"
 #include "checks.h"
 #include "ops.h"
 
@@ -39,14 +39,14 @@ constexpr int64_t kAutoMaxSplits = 64;
 
 template <typename F>
 void decode_hdim_switch(int64_t D, F&& f) {
-#ifndef FAE_NO_HDIM64
-  if (D == 64) return f(std::integral_constant<int, 64>{});
-#endif
-#ifndef FAE_NO_HDIM128
-  if (D == 128) return f(std::integral_constant<int, 128>{});
-#endif
-  TORCH_CHECK_VALUE(false, "head dim ", num(D), " is not supported by the CUDA decode kernels; supported: 64 and "
-                    "128 (as compiled into this build)");
+  static const std::vector<int> dims = head_dim_list(DecodeHeadDims{});
+  if (std::find(dims.begin(), dims.end(), D) == dims.end()) {
+    std::string list;
+    for (size_t i = 0; i < dims.size(); ++i) list += (i ? ", " : "") + std::to_string(dims[i]);
+    TORCH_CHECK_VALUE(false, "head dim ", num(D), " is not supported by the CUDA decode kernels; supported: [", list,
+                      "]");
+  }
+  head_dim_switch(DecodeHeadDims{}, static_cast<int>(D), "decode", f);
 }
 
 // Split count for num_splits = 0, from shapes only (the real lengths live on the device). FlashAttention's

@@ -6,7 +6,7 @@
 #include <cuda_runtime_api.h>
 #include <algorithm>
 #include <string>
-#include "../include/switch.h"
+#include "switch.h"
 #include "checks.h"
 #include "dispatch.h"
 #include "ops.h"

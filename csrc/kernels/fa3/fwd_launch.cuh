@@ -2,7 +2,7 @@
 #pragma once
 #include <cuda_runtime.h>
 #include <type_traits>
-#include "../../include/launch.h"
+#include "../launch.h"
 #include "../../sm90/tma.h"
 #include "fwd_kernel.cuh"
 

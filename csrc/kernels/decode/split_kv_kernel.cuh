@@ -1,103 +1,9 @@
-// Attention against a KV cache: decode (one new token) and chunked prefill (a few), paged or contiguous cache,
-// split-KV. Three kernels, launched in this order on one stream (decode_launch.cuh):
-//
-//   kvcache_append_kernel  copies k_new / v_new into the cache at positions cache_seqlens[b] + i (only when new
-//                          tokens are given). A separate launch, so every attention block sees them written.
-//   decode_split_kernel    one block per (split, batch, kv head, block of 16 packed query rows). GQA packing: the
-//                          block's rows are the (query row, head) pairs of ALL Hq/Hkv query heads of its kv head,
-//                          so each K/V row is loaded once for the whole group. The block walks its split's chunk
-//                          of the keys in 64-key tiles fetched through the block table with 16-byte cp.async into
-//                          a 3-stage shared-memory ring; warp w takes keys [16w, 16w + 16) of each tile, computes
-//                          S = Q K^T and O += P V with mma.sync m16n8k16 and keeps its own SoftmaxState per row.
-//                          At the end the four warps' states are merged with SoftmaxState::merge (fixed order),
-//                          then written as the final (o, lse) when num_splits == 1, else as an fp32 partial.
-//   decode_combine_kernel  merges the num_splits partials of each row in split order (SoftmaxState::merge:
-//                          deterministic), writes o in q's dtype and lse.
-//
-// The number of keys of batch b, cache_seqlens[b] + seqlen_new, is read on the device: no host sync, so a
-// decode step can be captured in a CUDA graph and replayed with new lengths. Keys past it (and positions whose
-// page entry is out of range, which validation rejects before the launch when not capturing) are zero-filled
-// and masked, never read.
+// decode_split_kernel: attention of packed (query row, group head) rows over one split of the keys (see
+// decode_common.cuh for the three decode kernels and their order).
 #pragma once
-#include <cuda_runtime.h>
-#include "../include/mask.h"
-#include "../include/params.h"
-#include "../include/ptx.h"
-#include "../include/smem_tile.h"
-#include "../include/softmax.h"
+#include "decode_common.cuh"
 
 namespace fae {
-
-template <typename T_, int kHeadDim_>
-struct DecodeTraits {
-  using T = T_;
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kWarps = 4;
-  static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBlockM = 16;               // packed query rows per block: one mma m-tile
-  static constexpr int kWarpN = 16;                // keys per warp per tile
-  static constexpr int kBlockN = kWarps * kWarpN;  // keys per tile
-  static constexpr int kStages = 3;                // tiles in the shared-memory ring (2 in flight while computing)
-  static constexpr int kDTiles = kHeadDim / 8;
-  using QTile = SmemTile<kBlockM, kHeadDim>;
-  using KVTile = SmemTile<kBlockN, kHeadDim>;
-  static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks per row
-  static constexpr int kRowStep = kThreads / kChunksPerRow;
-  static constexpr int kRowsPerThread = kBlockN / kRowStep;  // K/V rows each thread copies per tile
-  // Epilogue: each warp's unnormalised O (fp32) and (m, l) per row, staged over the K/V ring.
-  static constexpr int kOPitch = kHeadDim + 8;
-  static constexpr int kEpilogueBytes = kWarps * kBlockM * kOPitch * 4 + 2 * kWarps * kBlockM * 4;
-  static constexpr int kRingBytes = 2 * kStages * KVTile::kBytes;
-  static constexpr int kSmemBytes = QTile::kBytes + (kRingBytes > kEpilogueBytes ? kRingBytes : kEpilogueBytes);
-  static_assert(kHeadDim % 16 == 0 && kThreads % kChunksPerRow == 0 && kBlockN % kRowStep == 0, "tile shape");
-  static_assert(QTile::kBytes % 16 == 0, "epilogue staging must stay 16-byte aligned");
-};
-
-// Keys seen by batch b: cache_seqlens[b] + seqlen_new, clamped to [0, capacity] so a bad length can never send
-// a load or store outside the cache.
-__device__ __forceinline__ int kvcache_seqlen_k(const KvCacheParams& p, int b) {
-  const int64_t capacity = static_cast<int64_t>(p.max_pages) * p.page_size;
-  int64_t len = static_cast<int64_t>(p.cache_seqlens[b]) + p.seqlen_new;
-  len = len < 0 ? 0 : (len > capacity ? capacity : len);
-  return static_cast<int>(len);
-}
-
-// Physical page of key position pos (0 <= pos < capacity) of batch b, or -1 when the block table entry is out
-// of range. row receives pos % page_size.
-__device__ __forceinline__ int kvcache_page(const KvCacheParams& p, int b, int pos, int& row) {
-  const int lp = pos / p.page_size;
-  row = pos - lp * p.page_size;
-  if (p.block_table == nullptr) return b;
-  const int page = __ldg(p.block_table + b * p.block_table_stride + lp);
-  return (page >= 0 && page < p.num_pages) ? page : -1;
-}
-
-template <typename T, int kHeadDim>
-__global__ void kvcache_append_kernel(const __grid_constant__ KvCacheParams p) {
-  constexpr int kCPR = kHeadDim / 8;
-  const int64_t total = static_cast<int64_t>(p.batch) * p.heads_kv * p.seqlen_new * kCPR;
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= total) return;
-  const int c = static_cast<int>(idx % kCPR) * 8;
-  int64_t rest = idx / kCPR;
-  const int i = static_cast<int>(rest % p.seqlen_new);
-  rest /= p.seqlen_new;
-  const int hk = static_cast<int>(rest % p.heads_kv);
-  const int b = static_cast<int>(rest / p.heads_kv);
-  const int64_t pos = static_cast<int64_t>(p.cache_seqlens[b]) + i;
-  if (pos < 0 || pos >= static_cast<int64_t>(p.max_pages) * p.page_size) return;  // validation rejects these
-  int row;
-  const int page = kvcache_page(p, b, static_cast<int>(pos), row);
-  if (page < 0) return;
-  const uint4 kv = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.k_new) + b * p.kn_batch_stride +
-                                                   hk * p.kn_head_stride + i * p.kn_row_stride + c);
-  const uint4 vv = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.v_new) + b * p.vn_batch_stride +
-                                                   hk * p.vn_head_stride + i * p.vn_row_stride + c);
-  *reinterpret_cast<uint4*>(static_cast<T*>(p.k_cache) + page * p.k_page_stride + row * p.k_row_stride +
-                            hk * p.k_head_stride + c) = kv;
-  *reinterpret_cast<uint4*>(static_cast<T*>(p.v_cache) + page * p.v_page_stride + row * p.v_row_stride +
-                            hk * p.v_head_stride + c) = vv;
-}
 
 template <typename Tr>
 __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid_constant__ KvCacheParams p) {
@@ -121,6 +27,7 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
   const int m_block = rest % p.num_m_blocks;
   const int bh = rest / p.num_m_blocks;
   const int b = bh / p.heads_kv, hk = bh % p.heads_kv;
+  const SeqInfo seq(b, p.seqlen_q, 0);  // the cache is paged by block_table; q, o, new tokens per sequence
   const int group = p.head_group;
   const int rows = p.seqlen_q * group;  // packed row r = i * group + (h - hk * group)
   const int mr0 = m_block * kBlockM;
@@ -182,7 +89,7 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
       const int r = mr0 + rr;
       const bool valid = r < rows;
       const int i = r / group, h = hk * group + r % group;
-      const T* src = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+      const T* src = seq.q_side(static_cast<const T*>(p.q), p.q_batch_stride, p.q_head_stride, p.q_row_stride, h) +
                      i * p.q_row_stride + c;
       cp_async_16(QTile::addr(sQ, rr, c), valid ? src : static_cast<const T*>(p.q), valid);
     }
@@ -318,7 +225,8 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
     const int i = r / group, h = hk * group + r % group;
     const int64_t out_row = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + i;
     if (p.num_splits == 1) {
-      T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride + c;
+      T* o = seq.q_side(static_cast<T*>(p.o),
+                        p.o_batch_stride, p.o_head_stride, p.o_row_stride, h) + i * p.o_row_stride + c;
       uint2 packed;
       packed.x = pack2<T>(acc.x * inv, acc.y * inv);
       packed.y = pack2<T>(acc.z * inv, acc.w * inv);
@@ -331,42 +239,6 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
       if (c == 0) p.ws_lse[ws_row] = st.lse();
     }
   }
-}
-
-// Merges the num_splits fp32 partials of each (batch, head, query row): kHeadDim / 4 threads per row, 4 columns
-// each, splits in order.
-template <typename T, int kHeadDim>
-__global__ void decode_combine_kernel(const __grid_constant__ KvCacheParams p) {
-  constexpr int kThreadsPerRow = kHeadDim / 4;
-  constexpr int kRowsPerBlock = 128 / kThreadsPerRow;
-  const int64_t total_rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreadsPerRow;
-  if (row >= total_rows) return;
-  const int c = (threadIdx.x % kThreadsPerRow) * 4;
-  SoftmaxState st;
-  st.init();
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int s = 0; s < p.num_splits; ++s) {
-    const int64_t ws_row = s * total_rows + row;
-    float fa, fb;
-    st.merge(SoftmaxState::from_lse(p.ws_lse[ws_row]), fa, fb);
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (fb != 0.f) v = *reinterpret_cast<const float4*>(p.ws_o + ws_row * kHeadDim + c);
-    acc.x = acc.x * fa + v.x * fb;
-    acc.y = acc.y * fa + v.y * fb;
-    acc.z = acc.z * fa + v.z * fb;
-    acc.w = acc.w * fa + v.w * fb;
-  }
-  const float inv = st.inv_sum();
-  const int i = static_cast<int>(row % p.seqlen_q);
-  const int64_t bh = row / p.seqlen_q;
-  const int h = static_cast<int>(bh % p.heads_q), b = static_cast<int>(bh / p.heads_q);
-  T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride + c;
-  uint2 packed;
-  packed.x = pack2<T>(acc.x * inv, acc.y * inv);
-  packed.y = pack2<T>(acc.z * inv, acc.w * inv);
-  *reinterpret_cast<uint2*>(o) = packed;
-  if (c == 0) p.lse[row] = st.lse();
 }
 
 }  // namespace fae

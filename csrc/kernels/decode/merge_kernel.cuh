@@ -8,8 +8,8 @@
 #include <cuda_runtime.h>
 #include <stdexcept>
 #include <string>
-#include "../include/params.h"
-#include "../include/softmax.h"
+#include "../../common/params.h"
+#include "../../common/softmax.h"
 
 namespace fae {
 

@@ -1,13 +1,24 @@
 // Which keys a query row sees. One rule for causal and sliding windows: query row i sits at key position
 // p = i + seqlen_k - seqlen_q (bottom-right aligned, as flash-attn) and sees key j iff
 //   j < seqlen_k  and  (left < 0 or j >= p - left)  and  (right < 0 or j <= p + right).
-// causal is window (-1, 0).
+// causal is window (-1, 0). This is the mask policy of every kernel: the key range a query tile may see
+// (key_begin / key_end, and the mirror query_begin / query_end), and per tile whether it can be skipped, needs no
+// per-element mask, or needs one (classify).
 #pragma once
+#include "seqlen.h"
 
 namespace fae {
 
+enum class TileKind { kSkip, kFull, kPartial };
+
 struct WindowMask {
   int seqlen_q, seqlen_k, left, right;
+
+  // The mask of sequence `seq` under the window of params p (FwdParams and everything derived from it).
+  template <typename Params>
+  __host__ __device__ __forceinline__ static WindowMask of(const Params& p, const SeqInfo& seq) {
+    return WindowMask{seq.seqlen_q, seq.seqlen_k, p.window_left, p.window_right};
+  }
 
   __host__ __device__ __forceinline__ int pos(int row) const { return row + seqlen_k - seqlen_q; }
 
@@ -48,6 +59,14 @@ struct WindowMask {
     if (left >= 0 && col0 < pos(row1 - 1) - left) return false;
     if (right >= 0 && col1 - 1 > pos(row0) + right) return false;
     return true;
+  }
+
+  // Rows [row0, row1) x keys [col0, col1): kSkip when the keys lie outside every row's range (conservative: a
+  // band can still leave a kPartial tile empty, which the per-element mask then handles), kFull when no element
+  // needs masking, else kPartial.
+  __host__ __device__ __forceinline__ TileKind classify(int row0, int row1, int col0, int col1) const {
+    if (col0 >= key_end(row1) || col1 <= key_begin(row0)) return TileKind::kSkip;
+    return tile_fully_visible(row0, row1, col0, col1) ? TileKind::kFull : TileKind::kPartial;
   }
 };
 

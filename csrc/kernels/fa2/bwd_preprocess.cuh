@@ -5,8 +5,9 @@
 #pragma once
 #include <cuda_runtime.h>
 #include <cmath>
-#include "../include/params.h"
-#include "../include/ptx.h"
+#include "../../common/params.h"
+#include "../../common/seqlen.h"
+#include "../../sm80/ptx.h"
 
 namespace fae {
 
@@ -25,12 +26,15 @@ __global__ void __launch_bounds__(kBwdAuxBlockThreads) fa2_bwd_preprocess_kernel
   const int64_t bh = row / p.seqlen_q_rounded;
   const int i = static_cast<int>(row % p.seqlen_q_rounded);
   const int b = static_cast<int>(bh / p.heads_q), h = static_cast<int>(bh % p.heads_q);
+  const SeqInfo seq = seq_info(p, b);
   const bool valid = in_buffer && i < p.seqlen_q;
 
   float sum = 0.f;
   if (valid) {
-    const T* o = static_cast<const T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
-    const T* dout = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + i * p.do_row_stride;
+    const T* o = seq.q_side(static_cast<const T*>(p.o),
+                            p.o_batch_stride, p.o_head_stride, p.o_row_stride, h) + i * p.o_row_stride;
+    const T* dout = seq.q_side(static_cast<const T*>(p.dout),
+                               p.do_batch_stride, p.do_head_stride, p.do_row_stride, h) + i * p.do_row_stride;
 #pragma unroll
     for (int c = sub; c < kChunks; c += kBwdRowThreads) {
       const uint4 ov = *reinterpret_cast<const uint4*>(o + c * 8);
@@ -77,6 +81,7 @@ __global__ void __launch_bounds__(kBwdAuxBlockThreads) fa2_bwd_convert_dq_kernel
   const int64_t bh = row / p.seqlen_q;
   const int i = static_cast<int>(row % p.seqlen_q);
   const int b = static_cast<int>(bh / p.heads_q), h = static_cast<int>(bh % p.heads_q);
+  const SeqInfo seq = seq_info(p, b);
   const float* acc = p.dq_accum + (bh * p.seqlen_q_rounded + i) * kHeadDim + c;
   const float4 x = *reinterpret_cast<const float4*>(acc);
   const float4 y = *reinterpret_cast<const float4*>(acc + 4);
@@ -86,7 +91,8 @@ __global__ void __launch_bounds__(kBwdAuxBlockThreads) fa2_bwd_convert_dq_kernel
   out.y = pack2<T>(x.z * s, x.w * s);
   out.z = pack2<T>(y.x * s, y.y * s);
   out.w = pack2<T>(y.z * s, y.w * s);
-  T* dq = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + i * p.dq_row_stride + c;
+  T* dq = seq.q_side(static_cast<T*>(p.dq),
+                     p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride, h) + i * p.dq_row_stride + c;
   *reinterpret_cast<uint4*>(dq) = out;
 }
 

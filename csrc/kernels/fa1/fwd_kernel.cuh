@@ -11,11 +11,12 @@
 // at the end, and splits rows (not keys) across warps, so no cross-warp reduction is needed.
 #pragma once
 #include <cuda_runtime.h>
-#include "../include/mask.h"
-#include "../include/params.h"
-#include "../include/ptx.h"
-#include "../include/smem_tile.h"
-#include "../include/softmax.h"
+#include "../../common/mask.h"
+#include "../../common/params.h"
+#include "../../common/seqlen.h"
+#include "../../sm80/ptx.h"
+#include "../../sm80/smem_tile.h"
+#include "../../common/softmax.h"
 
 namespace fae {
 
@@ -114,17 +115,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa1_fwd_kernel(const __grid_c
 
   const int bh = blockIdx.x;
   const int b = bh / p.heads_q, h = bh % p.heads_q, hk = h / p.head_group;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+  const SeqInfo seq = seq_info(p, b);
+  const T* q = seq.q_side(static_cast<const T*>(p.q), p.q_batch_stride, p.q_head_stride, p.q_row_stride, h);
+  const T* k = seq.k_side(static_cast<const T*>(p.k), p.k_batch_stride, p.k_head_stride, p.k_row_stride, hk);
+  const T* v = seq.k_side(static_cast<const T*>(p.v), p.v_batch_stride, p.v_head_stride, p.v_row_stride, hk);
+  T* o = seq.q_side(static_cast<T*>(p.o), p.o_batch_stride, p.o_head_stride, p.o_row_stride, h);
   const int64_t ws_row0 = static_cast<int64_t>(bh) * p.seqlen_q;  // workspaces and lse are (B*Hq, Sq, ...)
   float* o_acc = p.o_acc + ws_row0 * kD;
   float* m_ws = p.m + ws_row0;
   float* l_ws = p.l + ws_row0;
   float* lse = p.lse + ws_row0;
 
-  const WindowMask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  const WindowMask mask = WindowMask::of(p, seq);
   const Fa1Schedule<kBlockM, kBlockN> sched{mask, (p.seqlen_q + kBlockM - 1) / kBlockM};
 
   auto load_q = [&](int i) { QTile::template load_async<kThreads>(sQ, q, p.q_row_stride, i * kBlockM, p.seqlen_q, tid); };

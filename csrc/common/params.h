@@ -1,4 +1,6 @@
-// Kernel parameter structs: plain data, int64 strides, no Tensor. Filled by csrc/host/*.cpp.
+// Kernel parameter structs: plain data, int64 strides, no Tensor. Filled by csrc/host/*.cpp. One chain:
+// QkvParams (shared: pointers, strides, sizes; sequence part) -> FwdParams (output; mask part) -> BwdParams
+// (gradient part) -> per-family extras (Fa1FwdParams, Fa1BwdParams).
 #pragma once
 #include <cstdint>
 
@@ -15,6 +17,12 @@ struct QkvParams {
   int64_t v_batch_stride, v_head_stride, v_row_stride;
   int batch, heads_q, heads_kv, head_group;  // head_group = heads_q / heads_kv (GQA); kv head = h / head_group
   int seqlen_q, seqlen_k, head_dim;
+  // Sequence part, read only through SeqInfo (seqlen.h). Null (every op today): padded batch of seqlen_q /
+  // seqlen_k rows. Varlen: (batch + 1) prefix sums of the packed query / key lengths, and the keys used per
+  // sequence.
+  const int* __restrict__ cu_seqlens_q;
+  const int* __restrict__ cu_seqlens_k;
+  const int* __restrict__ seqused_k;
 };
 
 struct FwdParams : QkvParams {
@@ -23,9 +31,12 @@ struct FwdParams : QkvParams {
   int64_t o_batch_stride, o_head_stride, o_row_stride;
   float scale;       // softmax scale
   float scale_log2;  // scale * log2(e): softmax runs in base 2 so exp is one ex2.approx
-  // Window in key positions around query position p = i + seqlen_k - seqlen_q (bottom-right aligned);
-  // -1 = unbounded. causal is (-1, 0).
+  // Mask part (mask.h). Window in key positions around query position p = i + seqlen_k - seqlen_q
+  // (bottom-right aligned); -1 = unbounded. causal is (-1, 0).
   int window_left, window_right;
+  // Longformer-style global tokens (0 = none, every op today): keys [0, global_keys) are seen by every query on
+  // top of its window. Reserved for the mask policy; no kernel reads it yet.
+  int global_keys;
 };
 
 // FlashAttention-1 forward keeps O, m and l in global memory between K/V tiles (the round trip FA2 removes).

@@ -20,10 +20,11 @@
 // group varies, last-bit differences in dk/dv); with head_group == 1 the block writes dk/dv itself.
 #pragma once
 #include <cuda_runtime.h>
-#include "../include/mask.h"
-#include "../include/params.h"
-#include "../include/ptx.h"
-#include "../include/smem_tile.h"
+#include "../../common/mask.h"
+#include "../../common/params.h"
+#include "../../common/seqlen.h"
+#include "../../sm80/ptx.h"
+#include "../../sm80/smem_tile.h"
 #include "fwd_kernel.cuh"  // Fa1Schedule
 
 namespace fae {
@@ -93,22 +94,23 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa1_bwd_kernel(const __grid_c
 
   const int bh = blockIdx.x;
   const int b = bh / p.heads_q, h = bh % p.heads_q, hk = h / p.head_group;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  const T* o = static_cast<const T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
-  const T* dout = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
-  T* dq = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
+  const SeqInfo seq = seq_info(p, b);
+  const T* q = seq.q_side(static_cast<const T*>(p.q), p.q_batch_stride, p.q_head_stride, p.q_row_stride, h);
+  const T* k = seq.k_side(static_cast<const T*>(p.k), p.k_batch_stride, p.k_head_stride, p.k_row_stride, hk);
+  const T* v = seq.k_side(static_cast<const T*>(p.v), p.v_batch_stride, p.v_head_stride, p.v_row_stride, hk);
+  const T* o = seq.q_side(static_cast<const T*>(p.o), p.o_batch_stride, p.o_head_stride, p.o_row_stride, h);
+  const T* dout = seq.q_side(static_cast<const T*>(p.dout), p.do_batch_stride, p.do_head_stride, p.do_row_stride, h);
+  T* dq = seq.q_side(static_cast<T*>(p.dq), p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride, h);
   const int64_t row_base = static_cast<int64_t>(bh) * p.seqlen_q;  // row buffers are (B*Hq, Sq, ...)
   float* dq_acc = p.dq_accum + row_base * kD;
   const float* lse = p.lse + row_base;
   const float* dlse = p.dlse != nullptr ? p.dlse + row_base : nullptr;
   const bool direct = p.dk_accum == nullptr;  // dk/dv written by this block (no GQA); else fp32 atomics
-  T* dk = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
-  T* dv = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
+  T* dk = seq.k_side(static_cast<T*>(p.dk), p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride, hk);
+  T* dv = seq.k_side(static_cast<T*>(p.dv), p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride, hk);
   const int64_t kv_acc_base = (static_cast<int64_t>(b) * p.heads_kv + hk) * p.seqlen_k * kD;
 
-  const WindowMask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  const WindowMask mask = WindowMask::of(p, seq);
   const Fa1Schedule<kBlockM, kBlockN> sched{mask, (p.seqlen_q + kBlockM - 1) / kBlockM};
   const int num_k_tiles = (p.seqlen_k + kBlockN - 1) / kBlockN;
 

@@ -16,11 +16,12 @@
 // Q, dO, lse and Delta of the next query tile are fetched with cp.async while the current one is computed.
 #pragma once
 #include <cuda_runtime.h>
-#include "../include/mask.h"
-#include "../include/params.h"
-#include "../include/ptx.h"
-#include "../include/smem_tile.h"
-#include "../include/tile_size.h"
+#include "../../common/mask.h"
+#include "../../common/params.h"
+#include "../../common/seqlen.h"
+#include "../../sm80/ptx.h"
+#include "../../sm80/smem_tile.h"
+#include "../../common/tile_size.h"
 
 namespace fae {
 
@@ -84,13 +85,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dkdv_kernel(const __g
   const int num_n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
   const int bh = blockIdx.x / num_n_blocks, n_block = blockIdx.x % num_n_blocks;
   const int b = bh / p.heads_kv, hk = bh % p.heads_kv;
+  const SeqInfo seq = seq_info(p, b);
   const int n0 = n_block * kBlockN;
   const int n_end = min(n0 + kBlockN, p.seqlen_k);
 
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const T* k = seq.k_side(static_cast<const T*>(p.k), p.k_batch_stride, p.k_head_stride, p.k_row_stride, hk);
+  const T* v = seq.k_side(static_cast<const T*>(p.v), p.v_batch_stride, p.v_head_stride, p.v_row_stride, hk);
 
-  const WindowMask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  const WindowMask mask = WindowMask::of(p, seq);
   const int q_begin = mask.query_begin(n0), q_end = mask.query_end(n_end);
   const int m_block_begin = q_begin / kBlockM;
   const int num_m = q_end > q_begin ? (q_end + kBlockM - 1) / kBlockM - m_block_begin : 0;
@@ -109,8 +111,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dkdv_kernel(const __g
     const int h = hk * p.head_group + it / num_m;
     const int m0 = (m_block_begin + it % num_m) * kBlockM;
     const uint32_t sQs = sK + Tr::kOffQ + 2 * stage * QTile::kBytes;
-    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-    const T* dout = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
+    const T* q = seq.q_side(static_cast<const T*>(p.q), p.q_batch_stride, p.q_head_stride, p.q_row_stride, h);
+    const T* dout = seq.q_side(static_cast<const T*>(p.dout), p.do_batch_stride, p.do_head_stride, p.do_row_stride, h);
     QTile::template load_async<Tr::kThreads>(sQs, q, p.q_row_stride, m0, p.seqlen_q, tid);
     QTile::template load_async<Tr::kThreads>(sQs + QTile::kBytes, dout, p.do_row_stride, m0, p.seqlen_q, tid);
     // lse_log2 and Delta are padded to seqlen_q_rounded: whole 16-byte chunks, no bounds.
@@ -323,8 +325,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dkdv_kernel(const __g
       }
     }
   __syncthreads();
-  T* dk = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
-  T* dv = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
+  T* dk = seq.k_side(static_cast<T*>(p.dk), p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride, hk);
+  T* dv = seq.k_side(static_cast<T*>(p.dv), p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride, hk);
 #pragma unroll
   for (int i = tid; i < KVTile::kChunks; i += Tr::kThreads) {
     const int r = i / KVTile::kChunksPerRow, c = (i % KVTile::kChunksPerRow) * 8;

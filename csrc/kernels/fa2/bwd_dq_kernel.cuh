@@ -10,11 +10,12 @@
 //   dQ += dS K   A: dS from registers   B: K (ldmatrix.trans, k = keys)
 #pragma once
 #include <cuda_runtime.h>
-#include "../include/mask.h"
-#include "../include/params.h"
-#include "../include/ptx.h"
-#include "../include/smem_tile.h"
-#include "../include/tile_size.h"
+#include "../../common/mask.h"
+#include "../../common/params.h"
+#include "../../common/seqlen.h"
+#include "../../sm80/ptx.h"
+#include "../../sm80/smem_tile.h"
+#include "../../common/tile_size.h"
 
 namespace fae {
 
@@ -55,16 +56,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dq_kernel(const __gri
   const int bh = blockIdx.x / num_m_blocks;
   const int m_block = num_m_blocks - 1 - blockIdx.x % num_m_blocks;
   const int b = bh / p.heads_q, h = bh % p.heads_q, hk = h / p.head_group;
+  const SeqInfo seq = seq_info(p, b);
   const int m0 = m_block * kBlockM;
   const int m_end = min(m0 + kBlockM, p.seqlen_q);
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* dout = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const T* q = seq.q_side(static_cast<const T*>(p.q), p.q_batch_stride, p.q_head_stride, p.q_row_stride, h);
+  const T* dout = seq.q_side(static_cast<const T*>(p.dout), p.do_batch_stride, p.do_head_stride, p.do_row_stride, h);
+  const T* k = seq.k_side(static_cast<const T*>(p.k), p.k_batch_stride, p.k_head_stride, p.k_row_stride, hk);
+  const T* v = seq.k_side(static_cast<const T*>(p.v), p.v_batch_stride, p.v_head_stride, p.v_row_stride, hk);
   const int64_t row_base = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q_rounded;
 
-  const WindowMask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  const WindowMask mask = WindowMask::of(p, seq);
   const int key_begin = mask.key_begin(m0), key_end = mask.key_end(m_end);
   const int n_block_begin = key_begin / kBlockN;
   const int n_block_end = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : n_block_begin;
@@ -200,7 +202,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dq_kernel(const __gri
       }
     }
   __syncthreads();
-  T* dq = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
+  T* dq = seq.q_side(static_cast<T*>(p.dq), p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride, h);
 #pragma unroll
   for (int i = tid; i < QTile::kChunks; i += Tr::kThreads) {
     const int r = i / QTile::kChunksPerRow, c = (i % QTile::kChunksPerRow) * 8;

@@ -7,12 +7,13 @@
 // second mma straight from the first one's accumulators. Normalisation by 1/l happens once, at the end.
 #pragma once
 #include <cuda_runtime.h>
-#include "../include/mask.h"
-#include "../include/params.h"
-#include "../include/ptx.h"
-#include "../include/smem_tile.h"
-#include "../include/softmax.h"
-#include "../include/tile_size.h"
+#include "../../common/mask.h"
+#include "../../common/params.h"
+#include "../../common/seqlen.h"
+#include "../../sm80/ptx.h"
+#include "../../sm80/smem_tile.h"
+#include "../../common/softmax.h"
+#include "../../common/tile_size.h"
 
 namespace fae {
 
@@ -57,16 +58,17 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
   const int bh = blockIdx.x / num_m_blocks;
   const int m_block = num_m_blocks - 1 - blockIdx.x % num_m_blocks;
   const int b = bh / p.heads_q, h = bh % p.heads_q, hk = h / p.head_group;
+  const SeqInfo seq = seq_info(p, b);
   const int m0 = m_block * kBlockM;
   const int m_end = min(m0 + kBlockM, p.seqlen_q);
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+  const T* q = seq.q_side(static_cast<const T*>(p.q), p.q_batch_stride, p.q_head_stride, p.q_row_stride, h);
+  const T* k = seq.k_side(static_cast<const T*>(p.k), p.k_batch_stride, p.k_head_stride, p.k_row_stride, hk);
+  const T* v = seq.k_side(static_cast<const T*>(p.v), p.v_batch_stride, p.v_head_stride, p.v_row_stride, hk);
+  T* o = seq.q_side(static_cast<T*>(p.o), p.o_batch_stride, p.o_head_stride, p.o_row_stride, h);
   float* lse = p.lse + (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q;
 
-  const WindowMask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  const WindowMask mask = WindowMask::of(p, seq);
   const int key_begin = mask.key_begin(m0), key_end = mask.key_end(m_end);
   const int n_block_begin = key_begin / kBlockN;
   const int n_block_end = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : n_block_begin;
