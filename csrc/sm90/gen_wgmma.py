@@ -2,15 +2,20 @@
 
 Inline asm needs a literal operand list, one "+f" per fp32 accumulator (N/2 per thread for m64nN), so the
 wrappers are generated rather than written by hand. Run: python3 csrc/sm90/gen_wgmma.py (output is checked in).
-  ss_*: A and B from shared memory (descriptors), used for S = Q K^T.
+  ss_*: A and B from shared memory (descriptors), used for S = Q K^T (trans_b 0) and the backward's
+        dK += dS^T Q (trans_b 1).
   rs_*: A from registers (4 x b32 of packed 16-bit pairs per thread), B from shared memory, used for O += P V
         (trans_b 1) and for S = Q K^T with Q held in registers (trans_b 0).
+  ss_ta_*: A MN-major in shared memory (stored K rows x M columns), B MN-major: the backward's dQ = dS K, with
+        dS^T written to shared memory as the dK/dV warpgroup holds it (rows = keys) and K read as stored.
 trans_b is an immediate: 0 = B stored K-major (K rows, e.g. K), 1 = MN-major (V rows, needs the transpose).
 """
 import pathlib
 
 SS_N = (64, 128, 176, 192)       # kBlockN choices for QK^T
-RS_N = (64, 128, 256)            # head dims for PV
+RS_N = (64, 128, 256)            # head dims for PV (and the backward's dV += P^T dO)
+SS_TA_N = (64, 128)              # head dims for the backward's dQ = dS K
+SS_TB_N = (64, 128)              # head dims for the backward's dK += dS^T Q (dS^T from shared memory)
 TYPES = (("bf16", "bf16"), ("f16", "f16"))
 
 
@@ -22,15 +27,16 @@ def acc_operands(n):
     return ", ".join(f'"+f"(d[{i}])' for i in range(n // 2))
 
 
-def ss(n, t, trans_b):
+def ss(n, t, trans_b, trans_a=0):
     regs = n // 2
     a, b = regs, regs + 1
+    name = "WgmmaSSTransA" if trans_a else "WgmmaSS"
     return f'''
-template <> struct WgmmaSS<{n}, {'__nv_bfloat16' if t == 'bf16' else '__half'}, {trans_b}> {{
+template <> struct {name}<{n}, {'__nv_bfloat16' if t == 'bf16' else '__half'}, {trans_b}> {{
   static __device__ __forceinline__ void run(float (&d)[{regs}], uint64_t desc_a, uint64_t desc_b, int scale_d) {{
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 2}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{acc_list(n)}}}, %{a}, %{b}, p, 1, 1, 0, {trans_b};\\n}}\\n"
+        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{acc_list(n)}}}, %{a}, %{b}, p, 1, 1, {trans_a}, {trans_b};\\n}}\\n"
         : {acc_operands(n)}
         : "l"(desc_a), "l"(desc_b), "r"(scale_d));
   }}
@@ -57,7 +63,9 @@ def main():
              "// D[64 x N] (+)= A[64 x 16] * B[16 x N]; A, B from shared memory (descriptors). scale_d = 0 overwrites D.",
              "template <int N, typename T, int kTransB> struct WgmmaSS;",
              "// D[64 x N] (+)= A[64 x 16] (registers) * B[16 x N] (shared memory).",
-             "template <int N, typename T, int kTransB> struct WgmmaRS;"]
+             "template <int N, typename T, int kTransB> struct WgmmaRS;",
+             "// As WgmmaSS with A MN-major (transposed) in shared memory.",
+             "template <int N, typename T, int kTransB> struct WgmmaSSTransA;"]
     for t in TYPES:
         for n in SS_N:
             parts.append(ss(n, t[0], 0))
@@ -65,6 +73,10 @@ def main():
             parts.append(rs(n, t[0], 1))
         for n in SS_N:
             parts.append(rs(n, t[0], 0))
+        for n in SS_TB_N:
+            parts.append(ss(n, t[0], 1))
+        for n in SS_TA_N:
+            parts.append(ss(n, t[0], 1, trans_a=1))
     parts += ["", "}  // namespace fae::sm90", ""]
     pathlib.Path(__file__).with_name("wgmma_ops.h").write_text("\n".join(parts))
 
