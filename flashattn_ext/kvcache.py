@@ -155,7 +155,8 @@ def _check_scalars(causal, window, scale, num_splits, return_lse, workspace, hea
     if not 0 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [0, {MAX_SPLITS}] (0 = automatic), got {num_splits}")
     if workspace is not None and not isinstance(workspace, (DecodeWorkspace, torch.Tensor)):
-        raise TypeError(f"workspace must be a DecodeWorkspace (or a float32 CUDA tensor), got {type(workspace).__name__}")
+        raise TypeError(f"workspace must be a DecodeWorkspace (or a float32 CUDA tensor), got "
+                        f"{type(workspace).__name__}")
     left, right = effective_window(causal, window)
     return scale, left, right
 

@@ -20,7 +20,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout_in, co
   check_like_q(dout_in, q, "dout");
   check_like_q(out_in, q, "out");
   check_scale_and_window(scale, window_left, window_right);
-  const Family family = choose_family(algorithm, device_arch(q.get_device()), Direction::kBwd, static_cast<int>(q.size(3)));
+  const Family family =
+      choose_family(algorithm, device_arch(q.get_device()), Direction::kBwd, static_cast<int>(q.size(3)));
   const c10::cuda::CUDAGuard guard(q.device());
 
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);

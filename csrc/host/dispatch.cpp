@@ -59,7 +59,8 @@ Family choose_family(c10::string_view algorithm, int arch, Direction direction, 
       std::string dims;
       for (int d : head_dim_list(Fa3HeadDims{})) dims += (dims.empty() ? "" : ", ") + std::to_string(d);
       TORCH_CHECK_VALUE(false, "algorithm='fa3' is not available for head dim ", std::to_string(head_dim),
-                        " in this build (the Hopper family takes head dims ", dims, " and needs a build with arch 90a)");
+                        " in this build (the Hopper family takes head dims ", dims,
+                        " and needs a build with arch 90a)");
     }
     return Family::kFa3;
   }

@@ -16,7 +16,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                                        c10::string_view algorithm) {
   check_qkv(q, k, v);
   check_scale_and_window(scale, window_left, window_right);
-  const Family family = choose_family(algorithm, device_arch(q.get_device()), Direction::kFwd, static_cast<int>(q.size(3)));
+  const Family family =
+      choose_family(algorithm, device_arch(q.get_device()), Direction::kFwd, static_cast<int>(q.size(3)));
   const c10::cuda::CUDAGuard guard(q.device());
 
   at::Tensor out = at::empty_like(q);  // q's layout when q is dense, else contiguous

@@ -102,14 +102,16 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3);
   const bool paged = block_table.has_value();
   const int64_t Hkv = paged ? k_cache.size(2) : k_cache.size(1);
-  TORCH_CHECK_VALUE(k_cache.size(3) == D, "k_cache head_dim ", num(k_cache.size(3)), " must equal q head_dim ", num(D));
-  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, "q heads Hq=", num(Hq), " must be a multiple of the cache's kv heads Hkv=",
-                    num(Hkv));
+  TORCH_CHECK_VALUE(k_cache.size(3) == D, "k_cache head_dim ", num(k_cache.size(3)), " must equal q head_dim ",
+                    num(D));
+  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, "q heads Hq=", num(Hq),
+                    " must be a multiple of the cache's kv heads Hkv=", num(Hkv));
   TORCH_CHECK_VALUE(cache_seqlens.device() == q.device() && cache_seqlens.scalar_type() == at::kInt &&
-                        cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B && (B <= 1 || cache_seqlens.stride(0) == 1),
-                    "cache_seqlens must be a contiguous int32 tensor of shape (batch,) = (", num(B), ",) on q's device, "
-                    "got ", dtype_name(cache_seqlens.scalar_type()), " ", shape(cache_seqlens.sizes()), " on ",
-                    cache_seqlens.device().str());
+                        cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
+                        (B <= 1 || cache_seqlens.stride(0) == 1),
+                    "cache_seqlens must be a contiguous int32 tensor of shape (batch,) = (", num(B),
+                    ",) on q's device, got ", dtype_name(cache_seqlens.scalar_type()), " ",
+                    shape(cache_seqlens.sizes()), " on ", cache_seqlens.device().str());
   int64_t num_pages, page_size, max_pages;
   if (paged) {
     const at::Tensor& bt = *block_table;
