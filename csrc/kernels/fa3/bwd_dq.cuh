@@ -10,9 +10,9 @@
 // undoes the permutation. Without bulk, dq_accum is row-major (B, Hq, seqlen_q_rounded, D) as for FA2.
 #pragma once
 #include <cuda_runtime.h>
-#include "../../fa2/bwd_preprocess.cuh"
-#include "../../include/params.h"
-#include "../../include/ptx.h"
+#include "../fa2/bwd_preprocess.cuh"
+#include "../../common/params.h"
+#include "../../sm80/ptx.h"
 
 namespace fae::fa3 {
 

@@ -12,9 +12,9 @@
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>
-#include "../../include/mask.h"
-#include "../../include/params.h"
-#include "../../include/ptx.h"
+#include "../../common/mask.h"
+#include "../../common/params.h"
+#include "../../sm80/ptx.h"
 #include "../../sm90/ptx.h"
 #include "../../sm90/ptx_bwd.h"
 #include "../../sm90/wgmma_ops.h"

@@ -24,9 +24,9 @@
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include "../../include/mask.h"
-#include "../../include/params.h"
-#include "../../include/ptx.h"
+#include "../../common/mask.h"
+#include "../../common/params.h"
+#include "../../sm80/ptx.h"
 #include "../../sm90/ptx.h"
 #include "../../sm90/ptx_bwd.h"
 #include "../../sm90/wgmma_ops.h"

@@ -10,8 +10,8 @@
 #include <cuda_runtime.h>
 #include <stdexcept>
 #include <type_traits>
-#include "../../fa2/bwd_preprocess.cuh"
-#include "../../include/launch.h"
+#include "../fa2/bwd_preprocess.cuh"
+#include "../launch.h"
 #include "../../sm90/tma.h"
 #include "bwd_dq_kernel.cuh"
 #include "bwd_kernel.cuh"
