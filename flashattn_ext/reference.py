@@ -3,10 +3,23 @@
 Masking is bottom-right aligned (as in flash-attn >= 2.1): query row i sits at key position
 p = i + Sk - Sq and sees key j iff (left < 0 or j >= p - left) and (right < 0 or j <= p + right).
 A row that sees no key gets output 0 and lse -inf (never NaN).
+
+Memory: with ``upcast=True`` (the CPU path of ``attention``) no (Sq, Sk) score matrix is materialised.
+No mask, or causal with Sq == Sk (where bottom-right and top-left alignment coincide), runs PyTorch's fused CPU
+attention (``_scaled_dot_product_flash_attention_for_cpu``, the kernel behind F.scaled_dot_product_attention);
+every other mask runs ``_BlockedAttention``, which visits query blocks against only the keys the block can see,
+so extra memory is one (block, keys) tile, linear in S. Both are autograd Functions that recompute scores in
+backward (no saved probabilities) and differentiate lse too. ``upcast=False`` (the low-precision oracle of the
+2x error rule, small shapes in tests) keeps the dense formulation, whose rounding it is meant to show.
 """
+import math
+
 import torch
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Score elements per block of _BlockedAttention (64 MiB in float32): large enough that the Python loop is not the
+# cost, small enough to stay far below the (Sq, Sk) matrix at long sequence lengths.
+BLOCK_ELEMENTS = 1 << 24
 
 
 def effective_window(causal, window=(-1, -1)):
@@ -34,34 +47,154 @@ def visible_mask(Sq, Sk, causal=False, window=(-1, -1), device=None):
 def attention_reference(q, k, v, causal=False, scale=None, window=(-1, -1), return_lse=False, upcast=True):
     """Reference attention. q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), Hq % Hkv == 0.
 
-    upcast=True computes in float32 (float64 stays float64) and returns the input dtype; upcast=False
-    computes in the input dtype, the "low precision reference" of flash-attn's 2x error rule.
-    lse is float32 (B, Hq, Sq), natural log of the scaled row sum. Differentiable.
+    upcast=True computes in float32 (float64 stays float64) and returns the input dtype, in O(S) extra memory
+    (see the module docstring); upcast=False computes densely in the input dtype, the "low precision reference"
+    of flash-attn's 2x error rule. lse is float32 (B, Hq, Sq), natural log of the scaled row sum.
+    Differentiable, lse included.
     """
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
     scale = D**-0.5 if scale is None else float(scale)
-    if upcast:
-        compute = torch.promote_types(q.dtype, torch.float32)
-    else:
-        compute = q.dtype
+    left, right = effective_window(causal, window)
+    if not upcast:
+        return _dense_attention(q, k, v, scale, left, right, return_lse)
+    compute = torch.promote_types(q.dtype, torch.float32)
     if Hkv != Hq:  # GQA: query head h reads kv head h // (Hq // Hkv)
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    fused_causal = left < 0 and right == 0 and Sq == Sk
+    if left < 0 and (right < 0 or fused_causal) and Sk > 0 and Sq > 0 and B * Hq > 0:
+        out, lse = _FusedCpuAttention.apply(qc, kc, vc, scale, fused_causal)
+    else:
+        out, lse = _BlockedAttention.apply(qc, kc, vc, scale, left, right)
+    out = out.to(q.dtype)
+    return (out, lse.to(torch.float32)) if return_lse else out
 
-    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
-    mask = visible_mask(Sq, Sk, causal, window, device=q.device)
+
+def _dense_attention(q, k, v, scale, left, right, return_lse):
+    """The (Sq, Sk) formulation in the input dtype: the low-precision oracle."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if Hkv != Hq:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    mask = visible_mask(Sq, Sk, False, (left, right), device=q.device)
     row_sees_any = mask.any(dim=-1, keepdim=True)
     s = s.masked_fill(~mask, float("-inf"))
     # Fully masked rows: softmax of all -inf is NaN (and NaN grads); give them finite scores, zero them after.
     s = s.masked_fill(~row_sees_any, 0.0)
     p = torch.softmax(s, dim=-1).masked_fill(~row_sees_any, 0.0)
-    out = torch.matmul(p.to(vc.dtype), vc).to(q.dtype)
+    out = torch.matmul(p.to(v.dtype), v).to(q.dtype)
     if not return_lse:
         return out
     lse = torch.logsumexp(s.float() if s.dtype in _LOW_PRECISION else s, dim=-1)
     lse = lse.masked_fill(~row_sees_any.squeeze(-1), float("-inf")).to(torch.float32)
     return out, lse
+
+
+# ---- O(S)-memory autograd Functions (q, k, v: (B, H, S, D), one float32/float64 dtype, same H) ------------
+
+class _FusedCpuAttention(torch.autograd.Function):
+    """PyTorch's fused CPU flash attention (no mask, or top-left causal), with lse as a differentiable output
+    (aten returns it without a gradient)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.causal = scale, causal
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dlse is not None and bool(dlse.any()):  # aten's backward has no lse term: the blocked one has
+            right = 0 if ctx.causal else -1
+            return (*_blocked_backward(q, k, v, out, lse, dout, dlse, ctx.scale, -1, right), None, None)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.contiguous(), q, k, v, out, lse, 0.0, ctx.causal, scale=ctx.scale)
+        return dq, dk, dv, None, None
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """Any window, any Sq/Sk: query blocks against the key range they can see; backward recomputes scores."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, left, right):
+        B, H, Sq, D = q.shape
+        out = torch.zeros_like(q)
+        lse = torch.full((B, H, Sq), float("-inf"), dtype=q.dtype, device=q.device)
+        for r0, r1, c0, c1, mask in _blocks(q, k, left, right):
+            s = _scores(q[:, :, r0:r1], k[:, :, c0:c1], scale, mask)
+            m = s.amax(dim=-1, keepdim=True)
+            m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows that see no key: s - 0 = -inf
+            p = torch.exp(s - m)
+            total = p.sum(dim=-1, keepdim=True)
+            seen = total > 0
+            out[:, :, r0:r1] = torch.matmul(p, v[:, :, c0:c1]) / torch.where(seen, total, torch.ones_like(total))
+            lse[:, :, r0:r1] = torch.where(seen, m + torch.log(total), torch.full_like(total, float("-inf"))
+                                           ).squeeze(-1)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.window = scale, (left, right)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*_blocked_backward(q, k, v, out, lse, dout, dlse, ctx.scale, *ctx.window), None, None, None)
+
+
+def _blocked_backward(q, k, v, out, lse, dout, dlse, scale, left, right):
+    """dS = P * (dP - rowsum(dO * O) + dlse): the output and lse terms in one pass over the same blocks."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if dout is None:
+        dout = torch.zeros_like(out)
+    delta = (dout * out).sum(dim=-1)
+    if dlse is not None:
+        delta = delta - dlse
+    finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)  # those rows have s = -inf throughout
+    for r0, r1, c0, c1, mask in _blocks(q, k, left, right):
+        qb, kb, vb, dob = q[:, :, r0:r1], k[:, :, c0:c1], v[:, :, c0:c1], dout[:, :, r0:r1]
+        p = torch.exp(_scores(qb, kb, scale, mask) - finite_lse[:, :, r0:r1, None])
+        dv[:, :, c0:c1] += torch.matmul(p.transpose(-1, -2), dob)
+        ds = p * (torch.matmul(dob, vb.transpose(-1, -2)) - delta[:, :, r0:r1, None]) * scale
+        dq[:, :, r0:r1] += torch.matmul(ds, kb)
+        dk[:, :, c0:c1] += torch.matmul(ds.transpose(-1, -2), qb)
+    return dq, dk, dv
+
+
+def _scores(qb, kb, scale, mask):
+    s = torch.matmul(qb, kb.transpose(-1, -2)) * scale
+    return s if mask is None else s.masked_fill_(~mask, float("-inf"))
+
+
+def _blocks(q, k, left, right):
+    """(row0, row1, col0, col1, mask) per query block: keys col0 .. col1 - 1 hold every key the rows can see
+    (none when col0 == col1), mask is the (rows, cols) visibility or None when all of it is visible."""
+    B, H, Sq, _ = q.shape
+    Sk = k.shape[2]
+    per_row = BLOCK_ELEMENTS // max(1, B * H)  # score elements one query row of the block may use
+    rows = per_row // max(1, Sk)
+    if left >= 0 and right >= 0:  # a block of r rows sees at most r + span keys: r * (r + span) <= 2 * per_row
+        span = left + right
+        rows = max(rows, min(math.isqrt(per_row), per_row // max(1, span)))
+    rows = max(1, rows)
+    offset = Sk - Sq  # query row i sits at key position i + offset
+    for r0 in range(0, Sq, rows):
+        r1 = min(Sq, r0 + rows)
+        c0 = 0 if left < 0 else max(0, r0 + offset - left)
+        c1 = Sk if right < 0 else min(Sk, r1 - 1 + offset + right + 1)
+        if c1 <= c0:
+            continue  # no key visible: out stays 0, lse -inf, gradients 0
+        i = torch.arange(r0, r1, device=q.device).unsqueeze(1) + offset
+        j = torch.arange(c0, c1, device=q.device).unsqueeze(0)
+        mask = torch.ones(r1 - r0, c1 - c0, dtype=torch.bool, device=q.device)
+        if left >= 0:
+            mask &= j >= i - left
+        if right >= 0:
+            mask &= j <= i + right
+        yield r0, r1, c0, c1, (None if bool(mask.all()) else mask)
