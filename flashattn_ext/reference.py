@@ -5,9 +5,10 @@ p = i + Sk - Sq and sees key j iff (left < 0 or j >= p - left) and (right < 0 or
 A row that sees no key gets output 0 and lse -inf (never NaN).
 
 Memory: with ``upcast=True`` (the CPU path of ``attention``) no (Sq, Sk) score matrix is materialised.
-No mask, or causal with Sq == Sk (where bottom-right and top-left alignment coincide), runs PyTorch's fused CPU
-attention (``_scaled_dot_product_flash_attention_for_cpu``, the kernel behind F.scaled_dot_product_attention);
-every other mask runs ``_BlockedAttention``, which visits query blocks against only the keys the block can see,
+No mask or causal (without a left window) runs PyTorch's fused CPU attention
+(``_scaled_dot_product_flash_attention_for_cpu``, the kernel behind F.scaled_dot_product_attention): directly
+when Sq == Sk, where bottom-right and top-left causal coincide, and as two fused calls merged by lse when
+Sq != Sk (``_fused``); every other mask runs ``_BlockedAttention``, which visits query blocks against only the keys the block can see,
 so extra memory is one (block, keys) tile, linear in S. Both are autograd Functions that recompute scores in
 backward (no saved probabilities) and differentiate lse too. ``upcast=False`` (the low-precision oracle of the
 2x error rule, small shapes in tests) keeps the dense formulation, whose rounding it is meant to show.
@@ -17,9 +18,9 @@ import math
 import torch
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-# Score elements per block of _BlockedAttention (64 MiB in float32): large enough that the Python loop is not the
-# cost, small enough to stay far below the (Sq, Sk) matrix at long sequence lengths.
-BLOCK_ELEMENTS = 1 << 24
+# Score elements per tile of _BlockedAttention (16 MiB in float32; a few such buffers are live at once): large
+# enough that the Python loop is not the cost, small enough to stay far below the (Sq, Sk) matrix at long lengths.
+BLOCK_ELEMENTS = 1 << 22
 
 
 def effective_window(causal, window=(-1, -1)):
@@ -65,9 +66,8 @@ def attention_reference(q, k, v, causal=False, scale=None, window=(-1, -1), retu
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
-    fused_causal = left < 0 and right == 0 and Sq == Sk
-    if left < 0 and (right < 0 or fused_causal) and Sk > 0 and Sq > 0 and B * Hq > 0:
-        out, lse = _FusedCpuAttention.apply(qc, kc, vc, scale, fused_causal)
+    if left < 0 and right in (-1, 0) and Sk > 0 and Sq > 0 and B * Hq > 0:
+        out, lse = _fused(qc, kc, vc, scale, causal=right == 0)
     else:
         out, lse = _BlockedAttention.apply(qc, kc, vc, scale, left, right)
     out = out.to(q.dtype)
@@ -96,6 +96,26 @@ def _dense_attention(q, k, v, scale, left, right, return_lse):
     return out, lse
 
 
+def _fused(q, k, v, scale, causal):
+    """No mask or bottom-right causal from fused calls. The fused kernel's causal is top-left, which is the same
+    only for Sq == Sk; otherwise: Sq > Sk is the square case on the last Sk rows (the first Sq - Sk see no key),
+    and Sq < Sk is the unmasked prefix of Sk - Sq keys merged with the square causal tail."""
+    Sq, Sk = q.shape[2], k.shape[2]
+    if not causal or Sq == Sk:
+        return _FusedCpuAttention.apply(q, k, v, scale, causal)
+    if Sq > Sk:
+        out, lse = _FusedCpuAttention.apply(q[:, :, Sq - Sk:], k, v, scale, True)
+        blind = Sq - Sk
+        out = torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[3]), out], dim=2)
+        return out, torch.cat([lse.new_full((*lse.shape[:2], blind), float("-inf")), lse], dim=2)
+    prefix = Sk - Sq
+    o_a, lse_a = _FusedCpuAttention.apply(q, k[:, :, :prefix], v[:, :, :prefix], scale, False)
+    o_b, lse_b = _FusedCpuAttention.apply(q, k[:, :, prefix:], v[:, :, prefix:], scale, True)
+    lse = torch.logaddexp(lse_a, lse_b)  # both finite: every row sees the prefix and its own position
+    out = o_a * torch.exp(lse_a - lse).unsqueeze(-1) + o_b * torch.exp(lse_b - lse).unsqueeze(-1)
+    return out, lse
+
+
 # ---- O(S)-memory autograd Functions (q, k, v: (B, H, S, D), one float32/float64 dtype, same H) ------------
 
 class _FusedCpuAttention(torch.autograd.Function):
@@ -112,11 +132,18 @@ class _FusedCpuAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        if dlse is not None and bool(dlse.any()):  # aten's backward has no lse term: the blocked one has
-            right = 0 if ctx.causal else -1
-            return (*_blocked_backward(q, k, v, out, lse, dout, dlse, ctx.scale, -1, right), None, None)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.contiguous(), q, k, v, out, lse, 0.0, ctx.causal, scale=ctx.scale)
+        scale, causal = ctx.scale, ctx.causal
+        fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        dq, dk, dv = bwd(dout.contiguous(), q, k, v, out, lse, 0.0, causal, scale=scale)
+        if dlse is not None and bool(dlse.any()):
+            # aten has no lse term. d lse_i / d s_ij = P_ij, so dq_i += scale * dlse_i * (P K)_i and
+            # dk_j += sum_i P_ij * (scale * dlse_i * q_i): P K is attention with K as values, and P^T X is the
+            # value gradient of a backward with X as the output gradient. Both fused, still O(S) memory.
+            pk, _ = fwd(q, k, k, 0.0, causal, scale=scale)
+            x = (q * (scale * dlse).unsqueeze(-1)).contiguous()
+            dk = dk + bwd(x, q, k, k, pk, lse, 0.0, causal, scale=scale)[2]
+            dq = dq + pk * (scale * dlse).unsqueeze(-1)
         return dq, dk, dv, None, None
 
 
@@ -129,10 +156,10 @@ class _BlockedAttention(torch.autograd.Function):
         out = torch.zeros_like(q)
         lse = torch.full((B, H, Sq), float("-inf"), dtype=q.dtype, device=q.device)
         for r0, r1, c0, c1, mask in _blocks(q, k, left, right):
-            s = _scores(q[:, :, r0:r1], k[:, :, c0:c1], scale, mask)
-            m = s.amax(dim=-1, keepdim=True)
+            p = _scores(q[:, :, r0:r1], k[:, :, c0:c1], scale, mask)
+            m = p.amax(dim=-1, keepdim=True)
             m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows that see no key: s - 0 = -inf
-            p = torch.exp(s - m)
+            p.sub_(m).exp_()  # in place: one tile of memory (no autograd inside forward)
             total = p.sum(dim=-1, keepdim=True)
             seen = total > 0
             out[:, :, r0:r1] = torch.matmul(p, v[:, :, c0:c1]) / torch.where(seen, total, torch.ones_like(total))
@@ -159,16 +186,16 @@ def _blocked_backward(q, k, v, out, lse, dout, dlse, scale, left, right):
     finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)  # those rows have s = -inf throughout
     for r0, r1, c0, c1, mask in _blocks(q, k, left, right):
         qb, kb, vb, dob = q[:, :, r0:r1], k[:, :, c0:c1], v[:, :, c0:c1], dout[:, :, r0:r1]
-        p = torch.exp(_scores(qb, kb, scale, mask) - finite_lse[:, :, r0:r1, None])
+        p = _scores(qb, kb, scale, mask).sub_(finite_lse[:, :, r0:r1, None]).exp_()
         dv[:, :, c0:c1] += torch.matmul(p.transpose(-1, -2), dob)
-        ds = p * (torch.matmul(dob, vb.transpose(-1, -2)) - delta[:, :, r0:r1, None]) * scale
+        ds = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta[:, :, r0:r1, None]).mul_(p).mul_(scale)
         dq[:, :, r0:r1] += torch.matmul(ds, kb)
         dk[:, :, c0:c1] += torch.matmul(ds.transpose(-1, -2), qb)
     return dq, dk, dv
 
 
 def _scores(qb, kb, scale, mask):
-    s = torch.matmul(qb, kb.transpose(-1, -2)) * scale
+    s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale)
     return s if mask is None else s.masked_fill_(~mask, float("-inf"))
 
 
