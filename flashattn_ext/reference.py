@@ -13,8 +13,6 @@ so extra memory is one (block, keys) tile, linear in S. Both are autograd Functi
 backward (no saved probabilities) and differentiate lse too. ``upcast=False`` (the low-precision oracle of the
 2x error rule, small shapes in tests) keeps the dense formulation, whose rounding it is meant to show.
 """
-import math
-
 import torch
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -124,6 +122,7 @@ class _FusedCpuAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, causal):
+        ctx.set_materialize_grads(False)  # an unused lse gives dlse None: no lse term, no data-dependent check
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.causal = scale, causal
@@ -135,8 +134,11 @@ class _FusedCpuAttention(torch.autograd.Function):
         scale, causal = ctx.scale, ctx.causal
         fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-        dq, dk, dv = bwd(dout.contiguous(), q, k, v, out, lse, 0.0, causal, scale=scale)
-        if dlse is not None and bool(dlse.any()):
+        if dout is None:
+            dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        else:
+            dq, dk, dv = bwd(dout.contiguous(), q, k, v, out, lse, 0.0, causal, scale=scale)
+        if dlse is not None:
             # aten has no lse term. d lse_i / d s_ij = P_ij, so dq_i += scale * dlse_i * (P K)_i and
             # dk_j += sum_i P_ij * (scale * dlse_i * q_i): P K is attention with K as values, and P^T X is the
             # value gradient of a backward with X as the output gradient. Both fused, still O(S) memory.
@@ -152,6 +154,7 @@ class _BlockedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, left, right):
+        ctx.set_materialize_grads(False)
         B, H, Sq, D = q.shape
         out = torch.zeros_like(q)
         lse = torch.full((B, H, Sq), float("-inf"), dtype=q.dtype, device=q.device)
@@ -206,9 +209,10 @@ def _blocks(q, k, left, right):
     Sk = k.shape[2]
     per_row = BLOCK_ELEMENTS // max(1, B * H)  # score elements one query row of the block may use
     rows = per_row // max(1, Sk)
-    if left >= 0 and right >= 0:  # a block of r rows sees at most r + span keys: r * (r + span) <= 2 * per_row
-        span = left + right
-        rows = max(rows, min(math.isqrt(per_row), per_row // max(1, span)))
+    if left >= 0 and right >= 0:
+        # A block of r rows sees at most r + span keys; r <= 2048 and r <= per_row / (span + 2048) keep
+        # r * (r + span) <= per_row (integer ops only: they trace under torch.compile with dynamic shapes).
+        rows = max(rows, min(2048, per_row // (left + right + 2048)))
     rows = max(1, rows)
     offset = Sk - Sq  # query row i sits at key position i + offset
     for r0 in range(0, Sq, rows):
@@ -217,6 +221,10 @@ def _blocks(q, k, left, right):
         c1 = Sk if right < 0 else min(Sk, r1 - 1 + offset + right + 1)
         if c1 <= c0:
             continue  # no key visible: out stays 0, lse -inf, gradients 0
+        # Every key of the tile visible to every row? Decided on ints (no data-dependent branch for torch.compile).
+        if (left < 0 or c0 >= r1 - 1 + offset - left) and (right < 0 or c1 - 1 <= r0 + offset + right):
+            yield r0, r1, c0, c1, None
+            continue
         i = torch.arange(r0, r1, device=q.device).unsqueeze(1) + offset
         j = torch.arange(c0, c1, device=q.device).unsqueeze(0)
         mask = torch.ones(r1 - r0, c1 - c0, dtype=torch.bool, device=q.device)
@@ -224,4 +232,4 @@ def _blocks(q, k, left, right):
             mask &= j >= i - left
         if right >= 0:
             mask &= j <= i + right
-        yield r0, r1, c0, c1, (None if bool(mask.all()) else mask)
+        yield r0, r1, c0, c1, mask
