@@ -5,12 +5,13 @@ p = i + Sk - Sq and sees key j iff (left < 0 or j >= p - left) and (right < 0 or
 A row that sees no key gets output 0 and lse -inf (never NaN).
 
 Memory: with ``upcast=True`` (the CPU path of ``attention``) no (Sq, Sk) score matrix is materialised.
-No mask or causal (without a left window) runs PyTorch's fused CPU attention
+On CPU, no mask or causal (without a left window) runs PyTorch's fused CPU attention
 (``_scaled_dot_product_flash_attention_for_cpu``, the kernel behind F.scaled_dot_product_attention): directly
 when Sq == Sk, where bottom-right and top-left causal coincide, and as two fused calls merged by lse when
-Sq != Sk (``_fused``); every other mask runs ``_BlockedAttention``, which visits query blocks against only the keys the block can see,
-so extra memory is one (block, keys) tile, linear in S. Both are autograd Functions that recompute scores in
-backward (no saved probabilities) and differentiate lse too. ``upcast=False`` (the low-precision oracle of the
+Sq != Sk (``_fused``). Every other mask, and every call on another device (the float64 oracle of the GPU
+tests), runs ``_BlockedAttention``: query blocks against only the keys the block can see, so extra memory is
+one (block, keys) tile, linear in S. Both are autograd Functions that recompute scores in backward (no saved
+probabilities) and differentiate lse too. ``upcast=False`` (the low-precision oracle of the
 2x error rule, small shapes in tests) keeps the dense formulation, whose rounding it is meant to show.
 """
 import torch
@@ -64,7 +65,7 @@ def attention_reference(q, k, v, causal=False, scale=None, window=(-1, -1), retu
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
-    if left < 0 and right in (-1, 0) and Sk > 0 and Sq > 0 and B * Hq > 0:
+    if _use_fused(qc, kc, left, right):
         out, lse = _fused(qc, kc, vc, scale, causal=right == 0)
     else:
         out, lse = _BlockedAttention.apply(qc, kc, vc, scale, left, right)
@@ -92,6 +93,12 @@ def _dense_attention(q, k, v, scale, left, right, return_lse):
     lse = torch.logsumexp(s.float() if s.dtype in _LOW_PRECISION else s, dim=-1)
     lse = lse.masked_fill(~row_sees_any.squeeze(-1), float("-inf")).to(torch.float32)
     return out, lse
+
+
+def _use_fused(q, k, left, right):
+    """The fused kernel is CPU-only (the float64 test oracle also runs on CUDA tensors: those take the blocked
+    path) and knows no window; it needs non-empty inputs."""
+    return q.device.type == "cpu" and left < 0 and right in (-1, 0) and q.numel() > 0 and k.shape[2] > 0
 
 
 def _fused(q, k, v, scale, causal):

@@ -233,10 +233,13 @@ GRAD_CASES = [  # (Hq, Hkv, Sq, Sk, causal, window): fused (no mask, square caus
 
 @pytest.mark.parametrize("Hq,Hkv,Sq,Sk,causal,window", GRAD_CASES)
 @pytest.mark.parametrize("block_elements", [None, 64])  # 64: many small blocks, every block boundary exercised
+@pytest.mark.parametrize("fused", [True, False])  # False: the blocked path for every mask, as on CUDA tensors
 def test_blocked_and_fused_match_dense_values_and_gradients(monkeypatch, Hq, Hkv, Sq, Sk, causal, window,
-                                                            block_elements):
+                                                            block_elements, fused):
     if block_elements:
         monkeypatch.setattr(flashattn_ext.reference, "BLOCK_ELEMENTS", block_elements)
+    if not fused:
+        monkeypatch.setattr(flashattn_ext.reference, "_use_fused", lambda *args: False)
     q, k, v = make_qkv(2, Hq, Hkv, Sq, Sk, 8, torch.float64, seed=Sq * 31 + Sk)
     g = torch.Generator().manual_seed(Sq + Sk)
     w_out = torch.randn(q.shape, generator=g, dtype=torch.float64)
