@@ -35,7 +35,7 @@ CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float32: CPU re
 NO_PAGE = -1  # block table padding: out of range, so validation refuses a read or write through it
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq would compare tensors
 class DecodeStep:
     """What ``PagedKVCache.step`` hands out: device tensors for one step and the host facts they came from.
 
