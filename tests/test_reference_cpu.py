@@ -299,3 +299,20 @@ def test_memory_is_linear_in_sequence_length(causal, window, sq):
     assert res.returncode == 0, res.stderr[-2000:]
     grew_mib = int(res.stdout.split()[-1])
     assert grew_mib < 400, f"peak RSS grew by {grew_mib} MiB (a dense score matrix is 2048 MiB)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the oracle's blocked path there)")
+@pytest.mark.parametrize("Hq,Hkv,Sq,Sk,causal,window", GRAD_CASES[:6] + [(2, 2, 300, 700, True, (64, 0))])
+def test_oracle_on_cuda_equals_cpu(Hq, Hkv, Sq, Sk, causal, window):
+    # CUDA tensors take the blocked path (the fused kernel is CPU-only): same values and gradients in float64.
+    q, k, v = make_qkv(2, Hq, Hkv, Sq, Sk, 16, torch.float64, seed=Sq + 7 * Sk)
+    w = torch.randn(q.shape, dtype=torch.float64)
+    results = []
+    for device in ("cpu", "cuda"):
+        a, b, c = (t.to(device).requires_grad_() for t in (q, k, v))
+        out, lse = attention_reference(a, b, c, causal=causal, window=window, return_lse=True)
+        seen = torch.isfinite(lse)
+        loss = (out * w.to(device)).sum() + lse[seen].double().sum()
+        results.append([t.cpu() for t in (out, lse, *torch.autograd.grad(loss, (a, b, c)))])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
