@@ -3,6 +3,7 @@ transposed layouts: the paths where an out-of-bounds access or a missing barrier
 import torch
 
 import flashattn_ext
+from flashattn_ext.testing import FA3_HEAD_DIMS, HAS_FA3
 
 CASES = [  # (B, Hq, Hkv, Sq, Sk, D, causal, window, transposed)
     (1, 2, 1, 17, 97, 64, True, (-1, -1), False),
@@ -10,6 +11,7 @@ CASES = [  # (B, Hq, Hkv, Sq, Sk, D, causal, window, transposed)
     (1, 2, 2, 97, 97, 96, False, (5, 3), False),
     (1, 1, 1, 1, 33, 32, True, (-1, -1), False),
     (1, 2, 1, 65, 130, 256, True, (-1, -1), True),
+    (2, 4, 1, 200, 333, 64, False, (40, 7), False),
 ]
 
 
@@ -23,15 +25,18 @@ def main():
     has_bwd = hasattr(torch.ops.flashattn_ext, "bwd")
     for B, Hq, Hkv, Sq, Sk, D, causal, window, tr in CASES:
         q, k, v = make(B, Hq, Sq, D, tr), make(B, Hkv, Sk, D, tr), make(B, Hkv, Sk, D, tr)
-        for algorithm in ("fa2", "fa1"):
+        algorithms = ("fa2", "fa1") + (("fa3",) if HAS_FA3 and D in FA3_HEAD_DIMS else ())
+        for algorithm in algorithms:
             flashattn_ext.attention(q, k, v, causal=causal, window=window, algorithm=algorithm)
         if has_bwd:
             q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-            for algorithm in ("fa2", "fa1"):
+            for algorithm in algorithms:
                 out = flashattn_ext.attention(q, k, v, causal=causal, window=window, algorithm=algorithm)
                 out.backward(torch.randn_like(out))
-            out = flashattn_ext.attention(q, k, v, causal=causal, window=window, deterministic=True)
-            out.backward(torch.randn_like(out))
+            for algorithm in algorithms[::2]:  # fa2 and, on Hopper, fa3 have a deterministic backward
+                out = flashattn_ext.attention(q, k, v, causal=causal, window=window, deterministic=True,
+                                              algorithm=algorithm)
+                out.backward(torch.randn_like(out))
         torch.cuda.synchronize()
         print("ok", B, Hq, Hkv, Sq, Sk, D, causal, window, tr, "bwd" if has_bwd else "")
     decode_cases()

@@ -9,5 +9,6 @@ DTYPES = {"fp16": "__half", "bf16": "__nv_bfloat16"}  # instantiation file tag -
 HEAD_DIMS = (32, 64, 96, 128, 256)  # attention fwd / bwd, every family
 DECODE_HEAD_DIMS = (64, 128)  # attention_with_kvcache (csrc/kernels/decode): a subset of HEAD_DIMS
 FA3_HEAD_DIMS = (64, 128, 256)  # the Hopper family: multiples of 64 (whole 128-byte swizzle panels), sm_90a only
+FA3_BWD_HEAD_DIMS = (64, 128)  # its backward (D256's dK + dV accumulators would need 256 registers per thread)
 CUDA_ARCHS = ("80", "90a")  # default FLASHATTN_EXT_CUDA_ARCHS; "90a" = wgmma-capable Hopper code
 ALGORITHMS = ("auto", "fa2", "fa1", "fa3")  # attention(..., algorithm=); the C++ dispatch resolves them

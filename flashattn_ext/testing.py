@@ -8,6 +8,7 @@ import zlib
 
 import torch
 
+from . import _build_config
 from ._ops import build_info
 from .reference import attention_reference
 
@@ -19,6 +20,22 @@ DEVICE = "cuda"
 FP16, BF16 = torch.float16, torch.bfloat16
 BUILT_HEAD_DIMS = build_info()["head_dims"]
 D_DEFAULT = 128 if 128 in BUILT_HEAD_DIMS else (BUILT_HEAD_DIMS or [128])[0]
+
+
+# The kernel families every GPU test of a forward or backward runs on: FA2 everywhere, and the Hopper family
+# (algorithm="fa3") on compute capability 9.0 with an sm_90a build, for its head dims.
+FA3_HEAD_DIMS = tuple(_build_config.FA3_HEAD_DIMS)
+HAS_FA3 = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+           and "90a" in build_info().get("cuda_archs", "").split(";"))
+GPU_FAMILIES = ("fa2", "fa3") if HAS_FA3 else ("fa2",)
+
+
+def need_family(algorithm, D):
+    """Skip the calling test when `algorithm` has no kernel for head dim D (fa3: FA3_HEAD_DIMS)."""
+    if algorithm == "fa3" and D not in FA3_HEAD_DIMS:
+        import pytest
+
+        pytest.skip(f"fa3 takes head dims {FA3_HEAD_DIMS}")
 
 
 def need_head_dim(D):

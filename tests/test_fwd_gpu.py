@@ -7,26 +7,21 @@ import pytest
 import torch
 
 import flashattn_ext
-from flashattn_ext import attention as flashattn_attention, build_info
-from flashattn_ext._build_config import FA3_HEAD_DIMS
+from flashattn_ext import attention as flashattn_attention
 from flashattn_ext.reference import visible_mask
-from flashattn_ext.testing import (BF16, BUILT_HEAD_DIMS, D_DEFAULT, DEVICE, FP16, lse_check, make_qkv,
-                                   need_head_dim, seed_of, two_x_rule)
+from flashattn_ext.testing import (BF16, BUILT_HEAD_DIMS, D_DEFAULT, DEVICE, FA3_HEAD_DIMS, FP16, GPU_FAMILIES,
+                                   HAS_FA3, lse_check, make_qkv, need_family, need_head_dim, seed_of, two_x_rule)
 
 pytestmark = pytest.mark.requires_cuda_ext
 
 OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
 
 
-# Every test here runs once per forward family this GPU has: FA2 everywhere, and the Hopper family (fa3) on
-# compute capability 9.0 with an sm_90a build, for the head dims it takes.
-HAS_FA3 = (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-           and "90a" in build_info().get("cuda_archs", "").split(";"))
-FAMILIES = ["fa2"] + (["fa3"] if HAS_FA3 else [])
+# Every test here runs once per kernel family this GPU has (flashattn_ext.testing.GPU_FAMILIES).
 _family = "fa2"
 
 
-@pytest.fixture(autouse=True, params=FAMILIES)
+@pytest.fixture(autouse=True, params=GPU_FAMILIES)
 def family(request):
     global _family
     _family = request.param
@@ -36,8 +31,7 @@ def family(request):
 
 def attention(q, k, v, **kwargs):
     """flashattn_ext.attention on the family under test."""
-    if _family == "fa3" and q.shape[-1] not in FA3_HEAD_DIMS:
-        pytest.skip(f"fa3 takes head dims {FA3_HEAD_DIMS}")
+    need_family(_family, q.shape[-1])
     return flashattn_attention(q, k, v, algorithm=_family, **kwargs)
 
 

@@ -2,6 +2,7 @@
 // to its launch, so fwd.cpp / bwd.cpp stay family-neutral.
 #include "dispatch.h"
 #include <algorithm>
+#include <initializer_list>
 #include <string>
 #include <vector>
 #include "switch.h"
@@ -20,6 +21,8 @@ template <typename T, int kHeadDim>
 void run_fa1_bwd(const Fa1BwdParams& params, cudaStream_t stream);
 template <typename T, int kHeadDim>
 void run_fa3_fwd(const FwdParams& params, cudaStream_t stream);
+template <typename T, int kHeadDim>
+void run_fa3_bwd(const BwdParams& params, cudaStream_t stream);
 
 const char* family_name(Family family) {
   switch (family) {
@@ -30,38 +33,40 @@ const char* family_name(Family family) {
   return "?";
 }
 
-bool fa3_fwd_available(int head_dim) {
-  // The kernels are compiled for every arch in the build, but only the sm_90a image holds the Hopper code (the
-  // others are empty stubs), so the family exists only in builds that list 90a.
+namespace {
+
+// The kernels are compiled for every arch in the build, but only the sm_90a image holds the Hopper code (the
+// others are empty stubs), so the family exists only in builds that list 90a, and for its head dims
+// (flashattn_ext/_build_config.py FA3_HEAD_DIMS, FA3_BWD_HEAD_DIMS).
+bool fa3_has(int head_dim, std::initializer_list<int> family_dims) {
   static const bool has_sm90a = std::string(FAE_CUDA_ARCHS).find("90a") != std::string::npos;
-  static const std::vector<int> fa3 = head_dim_list(Fa3HeadDims{}), built = compiled_head_dims();
-  const auto has = [head_dim](const std::vector<int>& dims) {
-    return std::find(dims.begin(), dims.end(), head_dim) != dims.end();
-  };
-  return has_sm90a && has(fa3) && has(built);
+  if (!has_sm90a || std::find(family_dims.begin(), family_dims.end(), head_dim) == family_dims.end()) return false;
+  const std::vector<int> built = compiled_head_dims();
+  return std::find(built.begin(), built.end(), head_dim) != built.end();
 }
 
+}  // namespace
+
+bool fa3_fwd_available(int head_dim) { return fa3_has(head_dim, {64, 128, 256}); }
+bool fa3_bwd_available(int head_dim) { return fa3_has(head_dim, {64, 128}); }
+
 Family choose_family(c10::string_view algorithm, int arch, Direction direction, int head_dim) {
-  // "auto": the Hopper family (fa3) for the forward on sm_90 when this build has it for the head dim (measured
-  // 1.3-1.6x FA2 on the H200, bench/NOTES.md); FA2 otherwise, and for every backward until a Hopper backward
-  // exists (the FA2 backward takes any forward's out and lse). FA2 was measured faster than FA1 everywhere.
-  if (algorithm == "auto") {
-    if (direction == Direction::kFwd && arch == 90 && fa3_fwd_available(head_dim)) return Family::kFa3;
-    return Family::kFa2;
-  }
+  // "auto": the Hopper family (fa3) on sm_90 where this build has it for the head dim and direction (measured
+  // forward 1.1-1.9x, backward 1.2-1.3x SDPA flash on the H200, bench/NOTES.md); FA2 otherwise (the FA2 backward
+  // takes any forward's out and lse, so a D256 fa3 forward pairs with the FA2 backward). FA2 was measured faster
+  // than FA1 everywhere.
+  const bool fwd = direction == Direction::kFwd;
+  const bool fa3_here = arch == 90 && (fwd ? fa3_fwd_available(head_dim) : fa3_bwd_available(head_dim));
+  if (algorithm == "auto") return fa3_here ? Family::kFa3 : Family::kFa2;
   if (algorithm == "fa2") return Family::kFa2;
   if (algorithm == "fa1") return Family::kFa1;
   if (algorithm == "fa3") {
-    if (direction == Direction::kBwd) return Family::kFa2;
+    if (!fwd) return fa3_here ? Family::kFa3 : Family::kFa2;
     TORCH_CHECK_VALUE(arch == 90, "algorithm='fa3' needs a Hopper GPU (compute capability 9.0, sm_90a), got ",
                       std::to_string(arch / 10), ".", std::to_string(arch % 10));
-    if (!fa3_fwd_available(head_dim)) {
-      std::string dims;
-      for (int d : head_dim_list(Fa3HeadDims{})) dims += (dims.empty() ? "" : ", ") + std::to_string(d);
-      TORCH_CHECK_VALUE(false, "algorithm='fa3' is not available for head dim ", std::to_string(head_dim),
-                        " in this build (the Hopper family takes head dims ", dims,
-                        " and needs a build with arch 90a)");
-    }
+    TORCH_CHECK_VALUE(fa3_fwd_available(head_dim), "algorithm='fa3' is not available for head dim ",
+                      std::to_string(head_dim), " in this build (the Hopper family takes head dims ",
+                      "64, 128, 256", " and needs a build with arch 90a)");
     return Family::kFa3;
   }
   TORCH_CHECK_VALUE(false, "algorithm must be one of ", kAlgorithmNames, ", got '", std::string(algorithm), "'");
@@ -85,19 +90,39 @@ void launch_fa1_fwd(const FwdParams& params, const at::Tensor& q, cudaStream_t s
   run_fa1_fwd<T, kHeadDim>(p, stream);
 }
 
-template <typename T, int kHeadDim>
-void launch_fa2_bwd(BwdParams& p, const at::Tensor& q, cudaStream_t stream) {
+// FA2 and FA3 backward scratch: Delta and lse_log2 rows padded to kBwdSeqRound, and the fp32 dq_accum (zeroed by
+// the preprocess kernel) unless deterministic. The tensors must stay alive until the launches are enqueued.
+std::vector<at::Tensor> padded_bwd_buffers(BwdParams& p, const at::Tensor& q) {
   const int64_t B = p.batch, H = p.heads_q, Sq = p.seqlen_q;
   const int64_t Sq_r = (Sq + kBwdSeqRound - 1) / kBwdSeqRound * kBwdSeqRound;
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor delta = at::empty({B, H, Sq_r}, f32), lse_log2 = at::empty({B, H, Sq_r}, f32);
-  at::Tensor dq_accum;  // zeroed by the preprocess kernel
+  at::Tensor dq_accum;
   if (!p.deterministic) dq_accum = at::empty({B, H, Sq_r, p.head_dim}, f32);
   p.dsoftmax_sum = delta.data_ptr<float>();
   p.lse_log2 = lse_log2.data_ptr<float>();
   p.dq_accum = p.deterministic ? nullptr : dq_accum.data_ptr<float>();
   p.seqlen_q_rounded = static_cast<int>(Sq_r);
+  return {delta, lse_log2, dq_accum};
+}
+
+template <typename T, int kHeadDim>
+void launch_fa2_bwd(BwdParams& p, const at::Tensor& q, cudaStream_t stream) {
+  const auto buffers = padded_bwd_buffers(p, q);
   run_fa2_bwd<T, kHeadDim>(p, stream);
+}
+
+template <typename T, int kHeadDim>
+void launch_fa3_bwd(BwdParams& p, const at::Tensor& q, cudaStream_t stream) {
+  if constexpr (kHeadDim == 64 || kHeadDim == 128) {  // choose_family only picks fa3 for these
+    // The Hopper backward's grid puts heads and batches in grid y / z (limit 65,535 each); FA2's flat grid
+    // takes any size.
+    if (p.batch > 65535 || p.heads_q > 65535) return launch_fa2_bwd<T, kHeadDim>(p, q, stream);
+    const auto buffers = padded_bwd_buffers(p, q);
+    run_fa3_bwd<T, kHeadDim>(p, stream);
+  } else {
+    TORCH_CHECK_VALUE(false, "the fa3 backward does not take head dim ", std::to_string(kHeadDim));
+  }
 }
 
 template <typename T, int kHeadDim>
@@ -139,7 +164,7 @@ void run_fwd(Family family, const FwdParams& params, const at::Tensor& q, cudaSt
           launch_fa1_fwd<T, kHeadDim>(params, q, stream);
           return;
         case Family::kFa3:
-          if constexpr (in_head_dims<kHeadDim>(Fa3HeadDims{})) {  // instantiated for these (generate.py)
+          if constexpr (kHeadDim % 64 == 0) {  // choose_family only picks fa3 for its head dims
             run_fa3_fwd<T, kHeadDim>(params, stream);
             return;
           }
@@ -160,8 +185,9 @@ void run_bwd(Family family, BwdParams& params, const at::Tensor& q, at::Tensor& 
         case Family::kFa1:
           launch_fa1_bwd<T, kHeadDim>(params, q, dk, dv, stream);
           return;
-        case Family::kFa3:  // choose_family maps fa3's backward to kFa2 until a Hopper backward exists
-          TORCH_CHECK_VALUE(false, "algorithm='fa3' has no backward in this build");
+        case Family::kFa3:
+          launch_fa3_bwd<T, kHeadDim>(params, q, stream);
+          return;
       }
     });
   });

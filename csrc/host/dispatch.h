@@ -23,6 +23,8 @@ Family choose_family(c10::string_view algorithm, int arch, Direction direction, 
 // True when this build has the Hopper forward for head_dim: sm_90a code compiled in and the head dim among the
 // family's (multiples of 64 that the build instantiates).
 bool fa3_fwd_available(int head_dim);
+// Same for the Hopper backward (head dims 64 and 128; D256's dK and dV accumulators alone would need 256 registers).
+bool fa3_bwd_available(int head_dim);
 const char* family_name(Family family);
 
 // Launches the family's forward on filled params (q/k/v, output, window); allocates the family's scratch.

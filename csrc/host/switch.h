@@ -1,7 +1,6 @@
 // Runtime -> compile-time dispatch over the head dims of this build, in one place; every switch ends in an error
 // naming the value. The lists come from flashattn_ext/_build_config.py through setup.py (-DFAE_HEAD_DIMS=32,64,...
-// -DFAE_DECODE_HEAD_DIMS=... and -DFAE_FA3_HEAD_DIMS=...), so adding a head dim to the build never touches this
-// file.
+// and -DFAE_DECODE_HEAD_DIMS=...), so adding a head dim to the build never touches this file.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -32,10 +31,6 @@ namespace fae {
 template <int... Ds>
 struct HeadDims {};
 using CompiledHeadDims = HeadDims<FAE_HEAD_DIMS>;  // attention fwd / bwd, every family
-#ifndef FAE_FA3_HEAD_DIMS
-#error "FAE_FA3_HEAD_DIMS (the Hopper family's head dims) is set by setup.py from flashattn_ext/_build_config.py"
-#endif
-using Fa3HeadDims = HeadDims<FAE_FA3_HEAD_DIMS>;  // the Hopper family (those of them in CompiledHeadDims)
 #ifdef FAE_DECODE_HEAD_DIMS
 using DecodeHeadDims = HeadDims<FAE_DECODE_HEAD_DIMS>;  // attention_with_kvcache; kvcache ops exist only then
 #define FAE_HAS_DECODE 1
@@ -44,12 +39,6 @@ using DecodeHeadDims = HeadDims<FAE_DECODE_HEAD_DIMS>;  // attention_with_kvcach
 template <int... Ds>
 std::vector<int> head_dim_list(HeadDims<Ds...>) {
   return {Ds...};
-}
-
-// Compile-time membership, e.g. whether a family has an instantiation for kHeadDim.
-template <int D, int... Ds>
-constexpr bool in_head_dims(HeadDims<Ds...>) {
-  return ((D == Ds) || ...);
 }
 
 // Calls f(std::integral_constant<int, d>) for d in the list, else raises naming `what`.
