@@ -68,12 +68,13 @@ __host__ __device__ __forceinline__ int64_t lse_row0(const Params& p, const SeqI
   return seq.row_buffer(h, p.heads_q, p.seqlen_q, p.total_q);
 }
 
-// Rows per query head of the backward's padded row buffers (the host allocates heads_q * this per batch entry
-// when padded, heads_q * this in all when varlen).
+// Rows per query head of the backward's padded row buffers: seqlen_q_rounded per (batch, head) when padded;
+// varlen: total_q + batch * kBwdSeqRound rounded up to kBwdSeqRound, so every head starts 16-byte aligned (the
+// 16-byte cp.async of lse_log2 / Delta). csrc/host/dispatch.cpp allocates with the same rule.
 template <typename Params>
 __host__ __device__ __forceinline__ int64_t bwd_rows_per_head(const Params& p) {
-  return p.cu_seqlens_q ? static_cast<int64_t>(p.total_q) + static_cast<int64_t>(p.batch) * kBwdSeqRound
-                        : p.seqlen_q_rounded;
+  if (p.cu_seqlens_q == nullptr) return p.seqlen_q_rounded;
+  return (p.total_q + static_cast<int64_t>(p.batch) * kBwdSeqRound + kBwdSeqRound - 1) / kBwdSeqRound * kBwdSeqRound;
 }
 
 // First row of (sequence, query head h) in the backward's padded row buffers (Delta, lse_log2; times head_dim in

@@ -99,14 +99,16 @@ void launch_fa1_fwd(const FwdParams& params, const at::Tensor& q, cudaStream_t s
 
 // FA2 and FA3 backward scratch: Delta and lse_log2 rows padded to kBwdSeqRound, and the fp32 dq_accum (zeroed by
 // the preprocess kernel) unless deterministic. The tensors must stay alive until the launches are enqueued.
-// Varlen: (H, total_q + B * kBwdSeqRound) rows, room for every sequence's own rounded-up rows (seqlen.h bwd_row0,
-// bwd_rows_per_head); seqlen_q_rounded is then the longest sequence's rounded length (the preprocess grid).
+// Varlen: (H, round_up(total_q + B * kBwdSeqRound)) rows, room for every sequence's own rounded-up rows
+// (seqlen.h bwd_row0, bwd_rows_per_head); seqlen_q_rounded is then the longest sequence's rounded length (the
+// preprocess grid).
 std::vector<at::Tensor> padded_bwd_buffers(BwdParams& p, const at::Tensor& q) {
   const int64_t B = p.batch, H = p.heads_q, Sq = p.seqlen_q;
   const int64_t Sq_r = (Sq + kBwdSeqRound - 1) / kBwdSeqRound * kBwdSeqRound;
   const auto f32 = q.options().dtype(at::kFloat);
   std::vector<int64_t> rows{B, H, Sq_r};
-  if (p.cu_seqlens_q != nullptr) rows = {H, static_cast<int64_t>(p.total_q) + B * kBwdSeqRound};
+  if (p.cu_seqlens_q != nullptr)  // seqlen.h bwd_rows_per_head: rounded up so each head's rows start aligned
+    rows = {H, (p.total_q + B * kBwdSeqRound + kBwdSeqRound - 1) / kBwdSeqRound * kBwdSeqRound};
   at::Tensor delta = at::empty(rows, f32), lse_log2 = at::empty(rows, f32);
   at::Tensor dq_accum;
   rows.push_back(p.head_dim);
