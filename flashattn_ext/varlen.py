@@ -120,6 +120,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     max_seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k")
     if _ops.HAS_CUDA_EXT and isinstance(q, torch.Tensor) and q.is_cuda:
         # The C++ op checks the tensors, cu_seqlens' dtype / shape / device and batch * max_seqlen >= total.
+        if type(cu_seqlens_q) is not torch.Tensor or type(cu_seqlens_k) is not torch.Tensor:
+            _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q)  # raises the TypeError the op would not word
+            _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q)
         scale, left, right = validate.scalar_args(q, causal, scale, window, return_lse, deterministic, algorithm)
         out, lse = _ops.FWD(q, k, v, scale, left, right, deterministic, algorithm, cu_seqlens_q, cu_seqlens_k,
                             max_seqlen_q, max_seqlen_k)

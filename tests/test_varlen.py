@@ -313,6 +313,26 @@ def test_raw_op_needs_both_cu_seqlens():
                                     5, 7)
 
 
+@gpu
+def test_no_host_sync_forward_and_backward():
+    # cu_seqlens are never read on the host: the whole training step runs under sync debug mode "error".
+    need_head_dim(64)
+    q, k, v, cu_q, cu_k, mq, mk = packed(SEQS_SMALL, 4, 2, 64, BF16, DEVICE, 12)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True)  # warm-up outside the mode
+    dout = torch.randn_like(out)
+    torch.autograd.grad(out, (q, k, v), dout)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, lse = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True, return_lse=True)
+        grads = torch.autograd.grad((out, lse), (q, k, v), (dout, torch.zeros_like(lse)))
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert len(grads) == 3
+
+
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
