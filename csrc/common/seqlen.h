@@ -46,9 +46,9 @@ struct SeqInfo {
     return packed_q ? h * packed_rows + q_row0 : (static_cast<int64_t>(b) * heads_q + h) * padded_rows;
   }
   // The same for the backward's row buffers padded to whole kBwdSeqRound tiles (Delta, lse_log2, dq_accum).
-  // Varlen: (heads_q, total_q + batch * kBwdSeqRound); sequence b starts at the multiple of kBwdSeqRound at or
-  // below q_row0 + b * kBwdSeqRound, which leaves its rounded-up rows clear of sequence b + 1's (flash-attn's
-  // rule), so every tile still loads whole chunks without bounds checks.
+  // Varlen: (heads_q, packed_rows_rounded = bwd_rows_per_head); sequence b starts at the multiple of
+  // kBwdSeqRound at or below q_row0 + b * kBwdSeqRound, which leaves its rounded-up rows clear of sequence
+  // b + 1's (flash-attn's rule), so every tile still loads whole chunks without bounds checks.
   __host__ __device__ __forceinline__ int64_t padded_row_buffer(int h, int heads_q, int64_t rows_rounded,
                                                                 int64_t packed_rows_rounded) const {
     if (!packed_q) return (static_cast<int64_t>(b) * heads_q + h) * rows_rounded;
