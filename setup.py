@@ -6,6 +6,10 @@ Knobs (environment variables):
   MAX_JOBS                  parallel nvcc jobs; default min(cores, free memory / 2.5 GB).
   FLASHATTN_EXT_NVCC_FLAGS  extra nvcc flags (tuning, e.g. -DFAE_TILE_D=128 -DFAE_TILE_N=32 ...).
   CUDA_HOME                 CUDA toolkit; found from nvcc when unset (nvcc on PATH may be a wrapper).
+
+Project metadata (name, version from flashattn_ext/_version.py, dependencies) lives in pyproject.toml; this
+file only describes the extension. pip hides a build's output unless -v, so the one line saying what is built
+is also written to the terminal (see announce); `pip install -v` shows ninja's per-file [n/N] progress.
 """
 import os
 import pathlib
@@ -14,8 +18,9 @@ import runpy
 import shutil
 import subprocess
 import sys
+import time
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = pathlib.Path(__file__).parent.resolve()
 CONFIG = runpy.run_path(str(ROOT / "flashattn_ext" / "_build_config.py"))  # the one dtype x head dim x arch list
@@ -55,6 +60,17 @@ def find_cuda_home():
              "). Set CUDA_HOME to the toolkit folder.")
 
 
+def nvcc_release(home):
+    """'13.0' from `nvcc --version` ("Cuda compilation tools, release 13.0, V13.0.88"), or '?'."""
+    try:
+        out = subprocess.run([str(pathlib.Path(home) / "bin" / "nvcc"), "--version"], capture_output=True,
+                             text=True).stdout
+    except OSError:
+        return "?"
+    found = re.search(r"release (\S+),", out)
+    return found.group(1) if found else "?"
+
+
 def arch_flags(archs):
     flags = []
     for a in archs:
@@ -75,9 +91,31 @@ def default_max_jobs():
     return max(1, min(cores, by_mem))
 
 
-def read_version():
-    text = (ROOT / "flashattn_ext" / "_version.py").read_text()
-    return re.search(r'__version__\s*=\s*"([^"]+)"', text).group(1)
+def announce(line):
+    """Print line, and also write it to the controlling terminal when stdout is captured: pip runs the build
+    with stdout piped into its log and shows it only with -v or on failure, and a silent multi-minute build
+    looks hung. No terminal (CI, IDEs): stdout only."""
+    print(line, flush=True)
+    if sys.stdout.isatty():
+        return
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(f"\n{line}\n")
+    except OSError:
+        pass
+
+
+def make_build_ext(BuildExtension, summary):
+    class AnnouncedBuildExt(BuildExtension):
+        """BuildExtension (ninja) that says what it builds before it starts and how long it took."""
+
+        def build_extensions(self):
+            announce(f"{summary}; per-file progress: pip install -v")
+            t0 = time.monotonic()
+            super().build_extensions()
+            announce(f"flashattn_ext: built the CUDA extension in {time.monotonic() - t0:.0f} s")
+
+    return AnnouncedBuildExt.with_options(use_ninja=True)
 
 
 def make_extension():
@@ -109,24 +147,16 @@ def make_extension():
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *arch_flags(archs)]
     nvcc_flags += os.environ.get("FLASHATTN_EXT_NVCC_FLAGS", "").split()  # tuning experiments
     cxx_flags = ["-O3", *host_defines]
-    print(f"flashattn_ext: CUDA_HOME={os.environ['CUDA_HOME']} archs={archs} head_dims={head_dims} "
-          f"MAX_JOBS={os.environ['MAX_JOBS']} sources={len(sources)}")
+    summary = (f"flashattn_ext: CUDA_HOME={os.environ['CUDA_HOME']} (nvcc {nvcc_release(os.environ['CUDA_HOME'])}) "
+               f"archs={archs} head_dims={head_dims} MAX_JOBS={os.environ['MAX_JOBS']} sources={len(sources)}")
     ext = CUDAExtension(
         name="flashattn_ext._C",
         sources=[str(s.relative_to(ROOT)) for s in sources],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": make_build_ext(BuildExtension, summary)}
 
 
 ext_modules, cmdclass = ([], {}) if os.environ.get("FLASHATTN_EXT_SKIP_BUILD") else make_extension()
 
-setup(
-    name="flashattn_ext",
-    version=read_version(),
-    description="FlashAttention-2 (and FA1) CUDA kernels for PyTorch, a drop-in for scaled_dot_product_attention",
-    packages=find_packages(include=["flashattn_ext", "flashattn_ext.*"]),
-    python_requires=">=3.9",
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

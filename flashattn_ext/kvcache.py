@@ -8,7 +8,7 @@ import numbers
 
 import torch
 
-from . import _ops, validate
+from . import _ops, ctor_args, validate
 from ._build_config import DECODE_HEAD_DIMS
 from .reference import attention_reference, effective_window
 
@@ -26,10 +26,17 @@ class DecodeWorkspace:
     batch x num_heads_q x seqlen_q rows of head_dim + 1 floats. With ``num_splits=0`` the op uses at most as many
     splits as fit; an explicit ``num_splits`` that does not fit raises."""
 
-    def __init__(self, batch, num_heads_q, seqlen_q, head_dim, max_splits=64, device="cuda"):
-        rows = batch * num_heads_q * seqlen_q
-        self.max_splits = max_splits
-        self.buffer = torch.empty(max(1, max_splits * rows * (head_dim + 1)), dtype=torch.float32, device=device)
+    def __init__(self, batch, num_heads_q, seqlen_q, head_dim, max_splits=64, device=None):
+        """device: None = the current CUDA device when CUDA is available, else the CPU (where the op does not use
+        a workspace). Every count must be an int >= 1; max_splits at most MAX_SPLITS."""
+        owner = "DecodeWorkspace"
+        rows = 1
+        for name, value in (("batch", batch), ("num_heads_q", num_heads_q), ("seqlen_q", seqlen_q)):
+            rows *= ctor_args.check_count(value, owner, name)
+        head_dim = ctor_args.check_count(head_dim, owner, "head_dim")
+        self.max_splits = ctor_args.check_count(max_splits, owner, "max_splits", maximum=MAX_SPLITS)
+        device = ctor_args.resolve_device(device, owner)
+        self.buffer = torch.empty(self.max_splits * rows * (head_dim + 1), dtype=torch.float32, device=device)
 
     def __repr__(self):
         return f"DecodeWorkspace(max_splits={self.max_splits}, floats={self.buffer.numel()})"

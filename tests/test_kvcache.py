@@ -424,20 +424,18 @@ def test_gpu_decode_equals_last_rows_of_causal_prefill(Sq):
     kp, vp = cache.layer(0)
     seqs = [cache.add_sequence() for _ in range(B)]
     for b, s in enumerate(seqs):  # prefill L - Sq tokens through the cache API (append without attention use)
-        cache.extend(s, L - Sq)
-        table = cache.block_table([s])
-        append_reference(kp, vp, torch.zeros(1, dtype=torch.int32), k[b:b + 1, :, :L - Sq], v[b:b + 1, :, :L - Sq],
-                         table)
-    lens = cache.seqlens(seqs)
-    for s in seqs:
-        cache.extend(s, Sq)
-    table = cache.block_table(seqs)
+        prefill = cache.step([s], L - Sq)
+        append_reference(kp, vp, prefill.cache_seqlens, k[b:b + 1, :, :L - Sq], v[b:b + 1, :, :L - Sq],
+                         prefill.block_table)
+    step = cache.step(seqs, Sq)
+    lens = step.cache_seqlens
+    assert lens.device == kp.device and step.block_table.device == kp.device
     with torch.no_grad():
-        out = attention_with_kvcache(q[:, :, L - Sq:], kp, vp, lens, table, k[:, :, L - Sq:], v[:, :, L - Sq:])
+        out = cache.attention(step, 0, q[:, :, L - Sq:], k[:, :, L - Sq:], v[:, :, L - Sq:])
     err, bound, _, ok = two_x_rule(out, q[:, :, L - Sq:], k, v, causal=True)
     assert ok, f"{err:.3e} > {bound:.3e}"
     assert max_abs_err(out, full) <= 2 * bound
-    assert torch.equal(cache.seqlens(seqs) - Sq, lens)
+    assert torch.equal(cache.seqlens(seqs) - Sq, lens.cpu())
 
 
 @cuda
@@ -548,10 +546,8 @@ def test_gpu_cuda_graph_capture_and_replay():
     q = torch.randn(B, Hq, 1, D, device=DEV, dtype=BF16)
     k_new = torch.randn(B, Hkv, 1, D, device=DEV, dtype=BF16)
     v_new = torch.randn_like(k_new)
-    lens = cache.seqlens(seqs)
-    for s in seqs:
-        cache.extend(s, 1)
-    table = cache.block_table(seqs, max_pages=max_pages)
+    first = cache.step(seqs, 1, max_pages=max_pages)
+    lens, table = first.cache_seqlens.clone(), first.block_table.clone()  # the buffers the graph captures
     ws = DecodeWorkspace(B, Hq, 1, D)
 
     def step():
@@ -575,10 +571,9 @@ def test_gpu_cuda_graph_capture_and_replay():
         v_new.copy_(torch.randn(v_new.shape, generator=g))
         kp.copy_(torch.randn(kp.shape, generator=g))
         vp.copy_(torch.randn(vp.shape, generator=g))
-        lens.copy_(cache.seqlens(seqs))
-        for s in seqs:
-            cache.extend(s, 1 + it)
-        table.copy_(cache.block_table(seqs, max_pages=max_pages))
+        nxt = cache.step(seqs, 1 + it, max_pages=max_pages)  # room for more than the one token appended
+        lens.copy_(nxt.cache_seqlens)
+        table.copy_(nxt.block_table)
         k_eager, v_eager = kp.clone(), vp.clone()
         with torch.no_grad():
             want, want_lse = attention_with_kvcache(q, k_eager, v_eager, lens, table, k_new, v_new, workspace=ws,
