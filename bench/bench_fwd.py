@@ -6,6 +6,10 @@ Shapes are the forward rows of /work/shared/PEERS.md (B*S = 16k tokens, Hq*D = 2
 with our/peer ratios and our max abs difference from an SDPA output (shown, never asserted, so a broken kernel
 is visible), the extra memory of one forward at B1 H16 S16k D128, and writes fwd_results.json, fwd_results.csv
 fwd_tflops.png and fwd_vs_seqlen.png (bench/plot_fwd.py) into --out (default $OUT, else bench/results).
+
+Varlen rows (bench_varlen): attention_varlen over mixed lengths summing to 16k tokens (D128, H16), useful TFLOP/s
+(per-sequence FLOPs) against our dense call on one 16k sequence (same total tokens) and the SDPA backends on the
+batch padded to the longest sequence (no padding mask: the padded work only, so SDPA's time is a lower bound).
 """
 import argparse
 import inspect
@@ -172,6 +176,41 @@ def bench_shape(shape, dtype_default, algorithms, attention, info):
     return row
 
 
+VARLEN_LENGTHS = [5000, 3000, 2500, 1800, 1500, 1000, 700, 500, 200, 100, 84]  # sums to 16384
+VARLEN_HEADS, VARLEN_D = 16, 128
+
+
+def bench_varlen(dtype, causal):
+    """One varlen row: {"label", "results": {method: {"tflops", "ms"} or {"error"}}, "ratios"}."""
+    import flashattn_ext
+    H, D, lens = VARLEN_HEADS, VARLEN_D, VARLEN_LENGTHS
+    total, B, S_max = sum(lens), len(lens), max(lens)
+    q, k, v = (torch.randn(total, H, D, dtype=dtype, device="cuda") for _ in range(3))
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
+    useful = sum(attn_fwd_flops(1, H, S, S, D, causal) for S in lens)
+    row = {"label": f"varlen D{D} H{H} {B} seqs {total // 1024}k" + (" causal" if causal else ""), "results": {},
+           "ratios": {}}
+    row["results"]["varlen"], _ = measure(
+        lambda: flashattn_ext.attention_varlen(q, k, v, cu, cu, S_max, S_max, causal=causal), useful)
+    # Our dense call on the same total tokens as one sequence (its own FLOPs): the issue's "within 10%" target.
+    qd, kd, vd = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, total, D) views, no copy
+    dense_flops = attn_fwd_flops(1, H, total, total, D, causal)
+    for alg in ("fa2", "auto"):
+        row["results"][f"dense_{alg}"], _ = measure(
+            lambda alg=alg: flashattn_ext.attention(qd, kd, vd, causal=causal, algorithm=alg), dense_flops)
+    # SDPA on the batch padded to S_max, counted with the useful FLOPs of the varlen batch.
+    qp, kp, vp = (torch.randn(B, H, S_max, D, dtype=dtype, device="cuda") for _ in range(3))
+    for name, fn in peers_fwd(qp, kp, vp, causal).items():
+        row["results"][f"padded_{name}"], _ = measure(fn, useful)
+    a = row["results"]["varlen"].get("tflops")
+    for m, r in row["results"].items():
+        if m != "varlen" and a and r.get("tflops"):
+            row["ratios"][f"varlen/{m}"] = a / r["tflops"]
+    del q, k, v, qd, kd, vd, qp, kp, vp
+    torch.cuda.empty_cache()
+    return row
+
+
 def extra_mib(fn):
     """Peak bytes one call allocates beyond what exists before it (output included), in MiB."""
     try:
@@ -250,6 +289,12 @@ def main():
                 print(rows[-1]["label"], {n: round(r["tflops"], 1) if "tflops" in r else "n/a"
                                           for n, r in rows[-1]["results"].items()}, flush=True)
             memory = bench_memory(DTYPES[args.dtype], args.algorithms, attention, info)
+            varlen_rows = []
+            for causal in (False, True):
+                try:
+                    varlen_rows.append(bench_varlen(DTYPES[args.dtype], causal))
+                except Exception as e:  # e.g. a package without attention_varlen: the dense rows still count
+                    varlen_rows.append({"label": f"varlen causal={causal}", "error": short_error(e)})
     finally:
         restore_sdp_flags(flags)  # sdpa_kernel restores them too; this also covers an exception mid-way
 
@@ -272,6 +317,15 @@ def main():
     report.print_table(header, table)
     print(f"\nextra memory of one forward, {memory['label']}:",
           ", ".join(f"{k} " + (f"+{v:.1f} MiB" if isinstance(v, float) else str(v)) for k, v in memory["extra_MiB"].items()))
+    print("\nvarlen (useful TFLOP/s; dense_*: one sequence of the same total tokens; padded_*: SDPA on the batch "
+          "padded to the longest sequence, no mask)")
+    for r in varlen_rows:
+        if "error" in r:
+            print(f"  {r['label']}: {r['error']}")
+            continue
+        print(f"  {r['label']}:", ", ".join(f"{m} {x['tflops']:.1f}" if "tflops" in x else f"{m} n/a ({x['error']})"
+                                          for m, x in r["results"].items()))
+        print("    ratios:", ", ".join(f"{k} {x:.2f}x" for k, x in r["ratios"].items()))
     errors = {}  # one line per distinct (method, error), not per shape
     for r in rows:
         for m in methods:
@@ -282,7 +336,8 @@ def main():
 
     os.makedirs(args.out, exist_ok=True)
     report.write_json(os.path.join(args.out, "fwd_results.json"),
-                      {"env": env, "flashattn_ext": info, "args": vars(args), "rows": rows, "memory": memory})
+                      {"env": env, "flashattn_ext": info, "args": vars(args), "rows": rows, "memory": memory,
+                       "varlen": varlen_rows})
     csv_header = ["shape", "B", "Hq", "Hkv", "Sq", "Sk", "D", "causal", "dtype"] + \
                  [f"{m}_tflops" for m in methods] + [f"{m}_ms" for m in methods] + ratio_keys + \
                  [f"{a}_maxdiff" for a in algs] + ["ref", "errors"]

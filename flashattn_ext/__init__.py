@@ -5,10 +5,11 @@ from ._version import __version__
 from .api import attention, resolve_algorithm
 from .cache import PagedKVCache
 from .kvcache import DecodeWorkspace, attention_with_kvcache, merge_states
+from .varlen import attention_varlen
 from .sdpa import reset_sdpa_stats, sdpa, sdpa_stats, sdpa_strict
 
 __all__ = [
-    "attention", "build_info", "reference", "resolve_algorithm", "reset_sdpa_stats", "sdpa", "sdpa_stats",
+    "attention", "attention_varlen", "build_info", "reference", "resolve_algorithm", "reset_sdpa_stats", "sdpa", "sdpa_stats",
     "sdpa_strict", "__version__",
     "PagedKVCache", "DecodeWorkspace", "attention_with_kvcache", "merge_states",
 ]

@@ -3,7 +3,8 @@
 Importing ``flashattn_ext._C`` runs its TORCH_LIBRARY block (csrc/host/ops.cpp), which defines
 ``torch.ops.flashattn_ext.{fwd, bwd, kvcache_fwd, merge_states}`` and registers fwd's autograd (in C++, so a call
 that needs no gradient runs no Python kernel). ``fwd`` and ``bwd`` serve every kernel family: their ``algorithm``
-argument ("auto", "fa2", "fa1", "fa3") is resolved in C++ with the device's compute capability. The package
+argument ("auto", "fa2", "fa1", "fa3") is resolved in C++ with the device's compute capability; their optional
+``cu_seqlens_q/k, max_seqlen_q/k`` arguments select packed variable-length sequences (attention_varlen). The package
 must still import without the extension (CPU reference path, docs, tests), so a missing or broken extension only
 disables the CUDA path.
 """
@@ -64,15 +65,20 @@ SUPPORTED_HEAD_DIMS = tuple(int(d) for d in (build_info().get("head_dims") or DE
 
 # ---- fake impls: output metadata exactly as the CUDA ops allocate it (opcheck compares strides) ------------
 
-def _fwd_fake(q, k, v, scale, window_left, window_right, deterministic=False, algorithm="auto"):
-    # out = torch.empty_like(q): q's strides when q is dense, otherwise dense in q's dim order; lse contiguous fp32.
+def _fwd_fake(q, k, v, scale, window_left, window_right, deterministic=False, algorithm="auto", cu_seqlens_q=None,
+              cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    # out = torch.empty_like(q): q's strides when q is dense, otherwise dense in q's dim order; lse contiguous fp32,
+    # (B, Hq, Sq) padded or (Hq, total_q) varlen.
     out = torch.empty_like(q)
-    lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
+    if cu_seqlens_q is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
     return out, lse
 
 
 def _bwd_fake(dout, q, k, v, out, lse, scale, window_left, window_right, deterministic, dlse=None,
-              algorithm="auto"):
+              algorithm="auto", cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     # Each gradient is empty_like of its input, for every family.
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -99,17 +105,21 @@ for _name, _fake in (("fwd", _fwd_fake), ("bwd", _bwd_fake), ("kvcache_fwd", _kv
 
 # ---- raw wrappers: C++ checks only; use flashattn_ext.attention / attention_with_kvcache / merge_states ----
 
-def fwd(q, k, v, scale, window_left, window_right, deterministic=False, algorithm="auto"):
-    """Forward of every family. ``deterministic`` only selects the backward (bitwise reproducible dQ)."""
+def fwd(q, k, v, scale, window_left, window_right, deterministic=False, algorithm="auto", cu_seqlens_q=None,
+        cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    """Forward of every family. ``deterministic`` only selects the backward (bitwise reproducible dQ).
+    With cu_seqlens_q/k: packed varlen sequences (attention_varlen)."""
     return torch.ops.flashattn_ext.fwd.default(q, k, v, float(scale), int(window_left), int(window_right),
-                                               bool(deterministic), algorithm)
+                                               bool(deterministic), algorithm, cu_seqlens_q, cu_seqlens_k,
+                                               int(max_seqlen_q), int(max_seqlen_k))
 
 
 def bwd(dout, q, k, v, out, lse, scale, window_left, window_right, deterministic=False, dlse=None,
-        algorithm="auto"):
+        algorithm="auto", cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     """(dq, dk, dv) of fwd; autograd calls it through fwd's registered backward."""
     return torch.ops.flashattn_ext.bwd.default(dout, q, k, v, out, lse, float(scale), int(window_left),
-                                               int(window_right), bool(deterministic), dlse, algorithm)
+                                               int(window_right), bool(deterministic), dlse, algorithm,
+                                               cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
 
 
 def kvcache_fwd(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale, window_left, window_right,

@@ -11,14 +11,16 @@ from flashattn_ext.reference import attention_reference
 from flashattn_ext.testing import make_qkv
 
 CONTRACT_SCHEMA = ("flashattn_ext::fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, "
-                   "int window_right, bool deterministic=False, str algorithm=\"auto\") -> (Tensor, Tensor)")
+                   "int window_right, bool deterministic=False, str algorithm=\"auto\", Tensor? cu_seqlens_q=None, "
+                   "Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor, Tensor)")
 BWD_SCHEMA = ("flashattn_ext::bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
-              "int window_left, int window_right, bool deterministic, Tensor? dlse=None, str algorithm=\"auto\") "
+              "int window_left, int window_right, bool deterministic, Tensor? dlse=None, str algorithm=\"auto\", "
+              "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) "
               "-> (Tensor, Tensor, Tensor)")
 
 
 def test_public_names():
-    assert set(flashattn_ext.__all__) == {"attention", "build_info", "reference", "resolve_algorithm", "reset_sdpa_stats",
+    assert set(flashattn_ext.__all__) == {"attention", "attention_varlen", "build_info", "reference", "resolve_algorithm", "reset_sdpa_stats",
                                          "sdpa", "sdpa_stats", "sdpa_strict", "__version__",
                                          "PagedKVCache", "DecodeWorkspace", "attention_with_kvcache", "merge_states"}
     assert callable(flashattn_ext.attention)

@@ -17,17 +17,19 @@ struct QkvParams {
   int64_t v_batch_stride, v_head_stride, v_row_stride;
   int batch, heads_q, heads_kv, head_group;  // head_group = heads_q / heads_kv (GQA); kv head = h / head_group
   int seqlen_q, seqlen_k, head_dim;
-  // Sequence part, read only through SeqInfo (seqlen.h). Null (every op today): padded batch of seqlen_q /
-  // seqlen_k rows. Varlen: (batch + 1) prefix sums of the packed query / key lengths, and the keys used per
-  // sequence.
+  // Sequence part, read only through SeqInfo (seqlen.h). Null: padded batch of seqlen_q / seqlen_k rows.
+  // Varlen (attention_varlen): (batch + 1) prefix sums of the packed query / key lengths, and the keys used per
+  // sequence (null: all); seqlen_q / seqlen_k are then max_seqlen_q / max_seqlen_k (they size the grids; blocks
+  // past a sequence's end exit) and total_q is the packed query rows (the row count per head of lse).
   const int* __restrict__ cu_seqlens_q;
   const int* __restrict__ cu_seqlens_k;
   const int* __restrict__ seqused_k;
+  int total_q;
 };
 
 struct FwdParams : QkvParams {
   void* __restrict__ o;
-  float* __restrict__ lse;  // (batch, heads_q, seqlen_q) contiguous, natural log
+  float* __restrict__ lse;  // (batch, heads_q, seqlen_q) contiguous, natural log; varlen (heads_q, total_q)
   int64_t o_batch_stride, o_head_stride, o_row_stride;
   float scale;       // softmax scale
   float scale_log2;  // scale * log2(e): softmax runs in base 2 so exp is one ex2.approx
@@ -58,7 +60,8 @@ struct BwdParams : FwdParams {
   int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
   int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
   const float* __restrict__ dlse;  // optional gradient of lse, (batch, heads_q, seqlen_q) contiguous; may be null
-  // FA2: (batch, heads_q, seqlen_q_rounded, head_dim) fp32, unscaled dQ; null if deterministic.
+  // FA2: (batch, heads_q, seqlen_q_rounded, head_dim) fp32, unscaled dQ; null if deterministic. Varlen: the
+  // padded row buffers are (heads_q, bwd_rows_per_head) with sequences at bwd_row0 (seqlen.h).
   // FA1: (batch, heads_q, seqlen_q, head_dim) fp32, unscaled dQ between K/V tiles.
   float* __restrict__ dq_accum;
   // FA2 only. Written by the preprocess kernel, (batch, heads_q, seqlen_q_rounded) contiguous; rows past seqlen_q

@@ -128,34 +128,17 @@ inline void check_scale_and_window(double scale, int64_t window_left, int64_t wi
 // (p - left < 0 <= j), and `right >= reach` with reach = Sq never does (p + right >= Sk - 1 >= j).
 inline int window_bound(int64_t w, int64_t reach) { return (w < 0 || w >= reach) ? -1 : static_cast<int>(w); }
 
-inline void fill_qkv_params(QkvParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_batch_stride = q.stride(0);
-  p.q_head_stride = q.stride(1);
-  p.q_row_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0);
-  p.k_head_stride = k.stride(1);
-  p.k_row_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0);
-  p.v_head_stride = v.stride(1);
-  p.v_row_stride = v.stride(2);
-  p.batch = static_cast<int>(q.size(0));
-  p.heads_q = static_cast<int>(q.size(1));
-  p.heads_kv = static_cast<int>(k.size(1));
-  p.head_group = p.heads_q / p.heads_kv;
-  p.seqlen_q = static_cast<int>(q.size(2));
-  p.seqlen_k = static_cast<int>(k.size(2));
-  p.head_dim = static_cast<int>(q.size(3));
-}
+// Strides of a padded (B, H, S, D) or packed (total, H, D) operand: batch (0 when packed) and row.
+inline int64_t batch_stride(const at::Tensor& t) { return t.dim() == 4 ? t.stride(0) : 0; }
+inline int64_t row_stride(const at::Tensor& t) { return t.stride(t.dim() == 4 ? 2 : 0); }
 
 // dO (and O) come from autograd with whatever strides the next op produced (expand, transpose, slicing). The
 // kernels take any strides the forward accepts; anything else (strided last dim, strides not multiples of 8
 // elements, misaligned view) is copied to a fresh contiguous tensor, only then.
 inline at::Tensor with_kernel_layout(const at::Tensor& t) {
-  bool ok = t.stride(3) == 1 || t.size(3) == 1;
-  for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 8 == 0);
+  const int last = static_cast<int>(t.dim()) - 1;
+  bool ok = t.stride(last) == 1 || t.size(last) == 1;
+  for (int d = 0; d < last; ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 8 == 0);
   ok = ok && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   if (ok) return t;
   return t.is_contiguous() ? t.clone() : t.contiguous();  // a contiguous but misaligned view needs a real copy
@@ -170,12 +153,13 @@ inline void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* n
                    ") must equal q.dtype (", dtype_name(q.scalar_type()), ")");
 }
 
-// A per-row statistic (lse, dlse) as the kernels index it: (batch, heads_q, seqlen_q) fp32 contiguous.
-inline at::Tensor per_row_float(const at::Tensor& t, const at::Tensor& q, const char* name) {
+// A per-row statistic (lse, dlse) as the kernels index it: fp32 contiguous of `want` shape ((batch, heads_q,
+// seqlen_q) padded, (heads_q, total_q) varlen: sequences.h lse_shape).
+inline at::Tensor per_row_float(const at::Tensor& t, const at::Tensor& q, c10::IntArrayRef want, const char* name) {
   TORCH_CHECK_VALUE(t.device() == q.device(), name, " must be on q's device (", q.device().str(), "), got ",
                     t.device().str());
-  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(2) == q.size(2),
-                    name, " must have shape (batch, heads_q, seqlen_q), got ", shape(t.sizes()));
+  TORCH_CHECK_VALUE(t.sizes() == want, name, " must have shape ", shape(want), " (", want.size() == 3 ?
+                    "batch, heads_q, seqlen_q" : "heads_q, total_q", "), got ", shape(t.sizes()));
   return t.to(at::kFloat).contiguous();
 }
 
@@ -185,9 +169,10 @@ struct BackwardInputs {
 };
 
 inline BackwardInputs backward_inputs(const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
-                                      const std::optional<at::Tensor>& dlse, const at::Tensor& q) {
-  BackwardInputs in{with_kernel_layout(dout), with_kernel_layout(out), per_row_float(lse, q, "lse"), {}};
-  if (dlse.has_value() && dlse->defined()) in.dlse = per_row_float(*dlse, q, "dlse");
+                                      const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+                                      c10::IntArrayRef lse_shape) {
+  BackwardInputs in{with_kernel_layout(dout), with_kernel_layout(out), per_row_float(lse, q, lse_shape, "lse"), {}};
+  if (dlse.has_value() && dlse->defined()) in.dlse = per_row_float(*dlse, q, lse_shape, "dlse");
   return in;
 }
 
@@ -196,9 +181,9 @@ template <typename Params>
 void fill_output_params(Params& p, const at::Tensor& out, const at::Tensor& lse, double scale) {
   p.o = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.o_batch_stride = out.stride(0);
+  p.o_batch_stride = batch_stride(out);
   p.o_head_stride = out.stride(1);
-  p.o_row_stride = out.stride(2);
+  p.o_row_stride = row_stride(out);
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * M_LOG2E);  // softmax runs in base 2
 }
@@ -207,14 +192,14 @@ void fill_output_params(Params& p, const at::Tensor& out, const at::Tensor& lse,
 inline void fill_grad_params(BwdParams& p, const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& dq,
                              const at::Tensor& dk, const at::Tensor& dv) {
   p.dout = dout.data_ptr();
-  p.do_batch_stride = dout.stride(0), p.do_head_stride = dout.stride(1), p.do_row_stride = dout.stride(2);
+  p.do_batch_stride = batch_stride(dout), p.do_head_stride = dout.stride(1), p.do_row_stride = row_stride(dout);
   p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  p.dq_batch_stride = dq.stride(0), p.dq_head_stride = dq.stride(1), p.dq_row_stride = dq.stride(2);
-  p.dk_batch_stride = dk.stride(0), p.dk_head_stride = dk.stride(1), p.dk_row_stride = dk.stride(2);
-  p.dv_batch_stride = dv.stride(0), p.dv_head_stride = dv.stride(1), p.dv_row_stride = dv.stride(2);
+  p.dq_batch_stride = batch_stride(dq), p.dq_head_stride = dq.stride(1), p.dq_row_stride = row_stride(dq);
+  p.dk_batch_stride = batch_stride(dk), p.dk_head_stride = dk.stride(1), p.dk_row_stride = row_stride(dk);
+  p.dv_batch_stride = batch_stride(dv), p.dv_head_stride = dv.stride(1), p.dv_row_stride = row_stride(dv);
 }
 
 }  // namespace fae

@@ -50,7 +50,14 @@ bool fa3_has(int head_dim, std::initializer_list<int> family_dims) {
 bool fa3_fwd_available(int head_dim) { return fa3_has(head_dim, {64, 128, 256}); }
 bool fa3_bwd_available(int head_dim) { return fa3_has(head_dim, {64, 128}); }
 
-Family choose_family(c10::string_view algorithm, int arch, Direction direction, int head_dim) {
+Family choose_family(c10::string_view algorithm, int arch, Direction direction, int head_dim, bool varlen) {
+  if (varlen) {  // only the FA2 kernels follow packed sequences (SeqInfo) so far
+    if (algorithm == "auto" || algorithm == "fa2") return Family::kFa2;
+    TORCH_CHECK_VALUE(algorithm != "fa3" && algorithm != "fa1", "algorithm='", std::string(algorithm),
+                      "' does not support varlen (attention_varlen): varlen is FA2-only for now; use "
+                      "algorithm='auto' or 'fa2'");
+    TORCH_CHECK_VALUE(false, "algorithm must be one of ", kAlgorithmNames, ", got '", std::string(algorithm), "'");
+  }
   // "auto": the Hopper family (fa3) on sm_90 where this build has it for the head dim and direction (measured
   // forward 1.1-1.9x, backward 1.2-1.3x SDPA flash on the H200, bench/NOTES.md); FA2 otherwise (the FA2 backward
   // takes any forward's out and lse, so a D256 fa3 forward pairs with the FA2 backward). FA2 was measured faster
@@ -92,13 +99,20 @@ void launch_fa1_fwd(const FwdParams& params, const at::Tensor& q, cudaStream_t s
 
 // FA2 and FA3 backward scratch: Delta and lse_log2 rows padded to kBwdSeqRound, and the fp32 dq_accum (zeroed by
 // the preprocess kernel) unless deterministic. The tensors must stay alive until the launches are enqueued.
+// Varlen: (H, round_up(total_q + B * kBwdSeqRound)) rows, room for every sequence's own rounded-up rows
+// (seqlen.h bwd_row0, bwd_rows_per_head); seqlen_q_rounded is then the longest sequence's rounded length (the
+// preprocess grid).
 std::vector<at::Tensor> padded_bwd_buffers(BwdParams& p, const at::Tensor& q) {
   const int64_t B = p.batch, H = p.heads_q, Sq = p.seqlen_q;
   const int64_t Sq_r = (Sq + kBwdSeqRound - 1) / kBwdSeqRound * kBwdSeqRound;
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor delta = at::empty({B, H, Sq_r}, f32), lse_log2 = at::empty({B, H, Sq_r}, f32);
+  std::vector<int64_t> rows{B, H, Sq_r};
+  if (p.cu_seqlens_q != nullptr)  // seqlen.h bwd_rows_per_head: rounded up so each head's rows start aligned
+    rows = {H, (p.total_q + B * kBwdSeqRound + kBwdSeqRound - 1) / kBwdSeqRound * kBwdSeqRound};
+  at::Tensor delta = at::empty(rows, f32), lse_log2 = at::empty(rows, f32);
   at::Tensor dq_accum;
-  if (!p.deterministic) dq_accum = at::empty({B, H, Sq_r, p.head_dim}, f32);
+  rows.push_back(p.head_dim);
+  if (!p.deterministic) dq_accum = at::empty(rows, f32);
   p.dsoftmax_sum = delta.data_ptr<float>();
   p.lse_log2 = lse_log2.data_ptr<float>();
   p.dq_accum = p.deterministic ? nullptr : dq_accum.data_ptr<float>();

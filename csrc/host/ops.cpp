@@ -38,22 +38,29 @@ class FwdFunction : public torch::autograd::Function<FwdFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                double scale, int64_t window_left, int64_t window_right, bool deterministic,
-                               c10::string_view algorithm) {
+                               c10::string_view algorithm, const std::optional<at::Tensor>& cu_seqlens_q,
+                               const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                               int64_t max_seqlen_k) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("flashattn_ext::fwd", "")
                          .typed<decltype(fwd)>();
     at::Tensor out, lse;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(out, lse) = op.call(q, k, v, scale, window_left, window_right, deterministic, algorithm);
+      std::tie(out, lse) = op.call(q, k, v, scale, window_left, window_right, deterministic, algorithm, cu_seqlens_q,
+                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k);
     }
     ctx->set_materialize_grads(false);  // an unused lse gets no zero-filled gradient
-    ctx->save_for_backward({q, k, v, out, lse});
+    // cu_seqlens are saved as (possibly undefined) tensors: the padded form saves two undefined ones.
+    ctx->save_for_backward({q, k, v, out, lse, cu_seqlens_q.value_or(at::Tensor()),
+                            cu_seqlens_k.value_or(at::Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["window_left"] = window_left;
     ctx->saved_data["window_right"] = window_right;
     ctx->saved_data["deterministic"] = deterministic;
     ctx->saved_data["algorithm"] = std::string(algorithm);
+    ctx->saved_data["max_seqlen_q"] = max_seqlen_q;
+    ctx->saved_data["max_seqlen_k"] = max_seqlen_k;
     return {out, lse};
   }
 
@@ -63,6 +70,9 @@ class FwdFunction : public torch::autograd::Function<FwdFunction> {
                          .typed<decltype(bwd)>();
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
+    std::optional<at::Tensor> cu_seqlens_q, cu_seqlens_k;
+    if (saved[5].defined()) cu_seqlens_q = saved[5];
+    if (saved[6].defined()) cu_seqlens_k = saved[6];
     // grad_lse folds into Delta in the kernel (d lse / d scores = P), so a loss may use lse too.
     const at::Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(out);
     std::optional<at::Tensor> dlse;
@@ -70,15 +80,22 @@ class FwdFunction : public torch::autograd::Function<FwdFunction> {
     const std::string algorithm = ctx->saved_data["algorithm"].toStringRef();
     auto [dq, dk, dv] = op.call(dout, q, k, v, out, lse, ctx->saved_data["scale"].toDouble(),
                                 ctx->saved_data["window_left"].toInt(), ctx->saved_data["window_right"].toInt(),
-                                ctx->saved_data["deterministic"].toBool(), dlse, algorithm);
-    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+                                ctx->saved_data["deterministic"].toBool(), dlse, algorithm, cu_seqlens_q,
+                                cu_seqlens_k, ctx->saved_data["max_seqlen_q"].toInt(),
+                                ctx->saved_data["max_seqlen_k"].toInt());
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 double scale, int64_t window_left, int64_t window_right,
-                                                bool deterministic, c10::string_view algorithm) {
-  auto r = FwdFunction::apply(q, k, v, scale, window_left, window_right, deterministic, algorithm);
+                                                bool deterministic, c10::string_view algorithm,
+                                                const std::optional<at::Tensor>& cu_seqlens_q,
+                                                const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                                int64_t max_seqlen_k) {
+  auto r = FwdFunction::apply(q, k, v, scale, window_left, window_right, deterministic, algorithm, cu_seqlens_q,
+                              cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   return {r[0], r[1]};
 }
 
@@ -89,12 +106,17 @@ TORCH_LIBRARY(flashattn_ext, m) {
   // algorithm: "auto" | "fa2" | "fa1" | "fa3", resolved with the device's compute capability in dispatch.cpp.
   // deterministic is unused by the forward; autograd saves it for the backward, so one op carries the choice
   // through torch.compile graphs. window_left/right: -1 = unbounded, causal already folded in (right = 0).
+  // Varlen (attention_varlen): cu_seqlens_q/k (B + 1,) int32 on q's device, q (total_q, Hq, D), k/v (total_k, Hkv,
+  // D), lse (Hq, total_q); max_seqlen_q/k size the grids. The same ops as the padded form, so one autograd, one
+  // fake impl and one dispatch serve both (docs/architecture.md "Varlen").
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, bool deterministic=False, "
-      "str algorithm=\"auto\") -> (Tensor, Tensor)");
+      "str algorithm=\"auto\", Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, "
+      "int max_seqlen_k=0) -> (Tensor, Tensor)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, int window_left, "
-      "int window_right, bool deterministic, Tensor? dlse=None, str algorithm=\"auto\") -> (Tensor, Tensor, Tensor)");
+      "int window_right, bool deterministic, Tensor? dlse=None, str algorithm=\"auto\", Tensor? cu_seqlens_q=None, "
+      "Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) -> (Tensor, Tensor, Tensor)");
 #ifdef FAE_HAS_DECODE
   // k_cache / v_cache are written (k_new appended at cache_seqlens) and workspace is scratch: all marked mutable.
   m.def(

@@ -9,13 +9,19 @@ namespace fae {
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                        int64_t window_left, int64_t window_right, bool deterministic,
-                                       c10::string_view algorithm);
+                                       c10::string_view algorithm,
+                                       const std::optional<at::Tensor>& cu_seqlens_q = std::nullopt,
+                                       const std::optional<at::Tensor>& cu_seqlens_k = std::nullopt,
+                                       int64_t max_seqlen_q = 0, int64_t max_seqlen_k = 0);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                                    double scale, int64_t window_left, int64_t window_right,
                                                    bool deterministic, const std::optional<at::Tensor>& dlse,
-                                                   c10::string_view algorithm);
+                                                   c10::string_view algorithm,
+                                                   const std::optional<at::Tensor>& cu_seqlens_q = std::nullopt,
+                                                   const std::optional<at::Tensor>& cu_seqlens_k = std::nullopt,
+                                                   int64_t max_seqlen_q = 0, int64_t max_seqlen_k = 0);
 
 std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache,
                                                const at::Tensor& v_cache, const at::Tensor& cache_seqlens,

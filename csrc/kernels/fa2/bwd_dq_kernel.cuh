@@ -58,13 +58,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dq_kernel(const __gri
   const int b = bh / p.heads_q, h = bh % p.heads_q, hk = h / p.head_group;
   const SeqInfo seq = seq_info(p, b);
   const int m0 = m_block * kBlockM;
-  const int m_end = min(m0 + kBlockM, p.seqlen_q);
+  if (m0 >= seq.seqlen_q) return;  // the grid is sized by the longest sequence (varlen)
+  const int m_end = min(m0 + kBlockM, seq.seqlen_q);
 
   const T* q = seq.q_side(static_cast<const T*>(p.q), p.q_batch_stride, p.q_head_stride, p.q_row_stride, h);
   const T* dout = seq.q_side(static_cast<const T*>(p.dout), p.do_batch_stride, p.do_head_stride, p.do_row_stride, h);
   const T* k = seq.k_side(static_cast<const T*>(p.k), p.k_batch_stride, p.k_head_stride, p.k_row_stride, hk);
   const T* v = seq.k_side(static_cast<const T*>(p.v), p.v_batch_stride, p.v_head_stride, p.v_row_stride, hk);
-  const int64_t row_base = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q_rounded;
+  const int64_t row_base = bwd_row0(p, seq, h);
 
   const WindowMask mask = WindowMask::of(p, seq);
   const int key_begin = mask.key_begin(m0), key_end = mask.key_end(m_end);
@@ -93,14 +94,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dq_kernel(const __gri
 
   auto load_kv = [&](int stage, int n_block) {
     const uint32_t sKs = sK0 + 2 * stage * KVTile::kBytes;
-    KVTile::template load_async<Tr::kThreads>(sKs, k, p.k_row_stride, n_block * kBlockN, p.seqlen_k, tid);
+    KVTile::template load_async<Tr::kThreads>(sKs, k, p.k_row_stride, n_block * kBlockN, seq.seqlen_k, tid);
     KVTile::template load_async<Tr::kThreads>(sKs + KVTile::kBytes, v, p.v_row_stride, n_block * kBlockN,
-                                              p.seqlen_k, tid);
+                                              seq.seqlen_k, tid);
     cp_async_commit();
   };
   if (n_block_begin < n_block_end) {
-    QTile::template load_async<Tr::kThreads>(sQ, q, p.q_row_stride, m0, p.seqlen_q, tid);
-    QTile::template load_async<Tr::kThreads>(sdO, dout, p.do_row_stride, m0, p.seqlen_q, tid);
+    QTile::template load_async<Tr::kThreads>(sQ, q, p.q_row_stride, m0, seq.seqlen_q, tid);
+    QTile::template load_async<Tr::kThreads>(sdO, dout, p.do_row_stride, m0, seq.seqlen_q, tid);
     load_kv(0, n_block_begin);
   }
 
@@ -206,7 +207,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dq_kernel(const __gri
 #pragma unroll
   for (int i = tid; i < QTile::kChunks; i += Tr::kThreads) {
     const int r = i / QTile::kChunksPerRow, c = (i % QTile::kChunksPerRow) * 8;
-    if (m0 + r < p.seqlen_q) {
+    if (m0 + r < seq.seqlen_q) {
       uint4 val;
       asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
                    : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w) : "r"(QTile::addr(sQ, r, c)));

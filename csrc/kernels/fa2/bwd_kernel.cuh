@@ -87,7 +87,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dkdv_kernel(const __g
   const int b = bh / p.heads_kv, hk = bh % p.heads_kv;
   const SeqInfo seq = seq_info(p, b);
   const int n0 = n_block * kBlockN;
-  const int n_end = min(n0 + kBlockN, p.seqlen_k);
+  if (n0 >= seq.seqlen_k) return;  // the grid is sized by the longest sequence (varlen)
+  const int n_end = min(n0 + kBlockN, seq.seqlen_k);
 
   const T* k = seq.k_side(static_cast<const T*>(p.k), p.k_batch_stride, p.k_head_stride, p.k_row_stride, hk);
   const T* v = seq.k_side(static_cast<const T*>(p.v), p.v_batch_stride, p.v_head_stride, p.v_row_stride, hk);
@@ -113,10 +114,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dkdv_kernel(const __g
     const uint32_t sQs = sK + Tr::kOffQ + 2 * stage * QTile::kBytes;
     const T* q = seq.q_side(static_cast<const T*>(p.q), p.q_batch_stride, p.q_head_stride, p.q_row_stride, h);
     const T* dout = seq.q_side(static_cast<const T*>(p.dout), p.do_batch_stride, p.do_head_stride, p.do_row_stride, h);
-    QTile::template load_async<Tr::kThreads>(sQs, q, p.q_row_stride, m0, p.seqlen_q, tid);
-    QTile::template load_async<Tr::kThreads>(sQs + QTile::kBytes, dout, p.do_row_stride, m0, p.seqlen_q, tid);
-    // lse_log2 and Delta are padded to seqlen_q_rounded: whole 16-byte chunks, no bounds.
-    const int64_t row = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q_rounded + m0;
+    QTile::template load_async<Tr::kThreads>(sQs, q, p.q_row_stride, m0, seq.seqlen_q, tid);
+    QTile::template load_async<Tr::kThreads>(sQs + QTile::kBytes, dout, p.do_row_stride, m0, seq.seqlen_q, tid);
+    // lse_log2 and Delta are padded to whole kBwdSeqRound tiles per sequence: whole 16-byte chunks, no bounds.
+    const int64_t row = bwd_row0(p, seq, h) + m0;
     const uint32_t s_rows = sK + Tr::kOffRow + 2 * stage * kBlockM * 4;
     if (tid < kBlockM / 4) {
       cp_async_16(s_rows + tid * 16, p.lse_log2 + row + tid * 4, true);
@@ -127,8 +128,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dkdv_kernel(const __g
   };
 
   if (num_iters > 0) {
-    KVTile::template load_async<Tr::kThreads>(sK, k, p.k_row_stride, n0, p.seqlen_k, tid);
-    KVTile::template load_async<Tr::kThreads>(sV, v, p.v_row_stride, n0, p.seqlen_k, tid);
+    KVTile::template load_async<Tr::kThreads>(sK, k, p.k_row_stride, n0, seq.seqlen_k, tid);
+    KVTile::template load_async<Tr::kThreads>(sV, v, p.v_row_stride, n0, seq.seqlen_k, tid);
     load_q_tile(0, 0);
     cp_async_commit();
   }
@@ -291,13 +292,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dkdv_kernel(const __g
           }
         }
       }
-      float* dq = p.dq_accum + ((static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q_rounded + m0) * kD;
+      float* dq = p.dq_accum + (bwd_row0(p, seq, h) + m0) * kD;
 #pragma unroll
       for (int mi = 0; mi < Tr::kDqMT; ++mi)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int r = (wm * Tr::kDqMT + mi) * 16 + g + half * 8;
-          if (m0 + r < p.seqlen_q) {  // padding rows hold zeros; skip their atomics
+          if (m0 + r < seq.seqlen_q) {  // padding rows hold zeros; skip their atomics
 #pragma unroll
             for (int di = 0; di < Tr::kDqDT; ++di)
               red_add_f32x2(dq + r * kD + wd * Tr::kDqD + di * 8 + 2 * t, acc_dq[mi][di][2 * half],
@@ -330,7 +331,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dkdv_kernel(const __g
 #pragma unroll
   for (int i = tid; i < KVTile::kChunks; i += Tr::kThreads) {
     const int r = i / KVTile::kChunksPerRow, c = (i % KVTile::kChunksPerRow) * 8;
-    if (n0 + r < p.seqlen_k) {
+    if (n0 + r < seq.seqlen_k) {
       uint4 vk, vv;
       asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
                    : "=r"(vk.x), "=r"(vk.y), "=r"(vk.z), "=r"(vk.w) : "r"(KVTile::addr(sK, r, c)));

@@ -18,16 +18,21 @@ template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kBwdAuxBlockThreads) fa2_bwd_preprocess_kernel(const __grid_constant__ BwdParams p) {
   constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
   const int sub = threadIdx.x % kBwdRowThreads;
-  // Row in the padded (batch, heads_q, seqlen_q_rounded) buffers.
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kBwdAuxBlockThreads / kBwdRowThreads) +
-                      threadIdx.x / kBwdRowThreads;
+  // Row i of (batch b, head h), i < seqlen_q_rounded (the longest sequence rounded up). Each sequence writes its
+  // rows and its own padding rows up to a whole kBwdSeqRound tile at bwd_row0; a shorter varlen sequence's
+  // remaining rows have no buffer row and exit.
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * (kBwdAuxBlockThreads / kBwdRowThreads) +
+                       threadIdx.x / kBwdRowThreads;
   const int64_t total = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q_rounded;
-  const bool in_buffer = row < total;
-  const int64_t bh = row / p.seqlen_q_rounded;
-  const int i = static_cast<int>(row % p.seqlen_q_rounded);
+  const bool in_grid = slot < total;  // the last block overshoots; its spare slots read sequence 0, write nothing
+  const int64_t bh = in_grid ? slot / p.seqlen_q_rounded : 0;
+  const int i = static_cast<int>(slot % p.seqlen_q_rounded);
   const int b = static_cast<int>(bh / p.heads_q), h = static_cast<int>(bh % p.heads_q);
   const SeqInfo seq = seq_info(p, b);
-  const bool valid = in_buffer && i < p.seqlen_q;
+  const int own_rows = (seq.seqlen_q + kBwdSeqRound - 1) / kBwdSeqRound * kBwdSeqRound;
+  const bool in_buffer = in_grid && i < own_rows;
+  const int64_t row = in_buffer ? bwd_row0(p, seq, h) + i : 0;
+  const bool valid = in_buffer && i < seq.seqlen_q;
 
   float sum = 0.f;
   if (valid) {
@@ -55,7 +60,7 @@ __global__ void __launch_bounds__(kBwdAuxBlockThreads) fa2_bwd_preprocess_kernel
   if (sub == 0) {
     float delta = 0.f, lse2 = INFINITY;
     if (valid) {
-      const int64_t r = bh * p.seqlen_q + i;  // (batch, heads_q, seqlen_q) contiguous
+      const int64_t r = lse_row0(p, seq, h) + i;
       const float lse = p.lse[r];
       delta = sum - (p.dlse != nullptr ? p.dlse[r] : 0.f);  // d lse / d s = P folds into Delta
       lse2 = lse == -INFINITY ? INFINITY : lse * 1.44269504088896340736f;
@@ -74,7 +79,7 @@ template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kBwdAuxBlockThreads) fa2_bwd_convert_dq_kernel(const __grid_constant__ BwdParams p) {
   constexpr int kChunks = kHeadDim / 8;  // 8 elements per thread: two float4 in, one 16-byte store out
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * kBwdAuxBlockThreads + threadIdx.x;
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;  // varlen: max_seqlen_q per (b, h)
   if (idx >= rows * kChunks) return;
   const int c = static_cast<int>(idx % kChunks) * 8;
   const int64_t row = idx / kChunks;
@@ -82,7 +87,8 @@ __global__ void __launch_bounds__(kBwdAuxBlockThreads) fa2_bwd_convert_dq_kernel
   const int i = static_cast<int>(row % p.seqlen_q);
   const int b = static_cast<int>(bh / p.heads_q), h = static_cast<int>(bh % p.heads_q);
   const SeqInfo seq = seq_info(p, b);
-  const float* acc = p.dq_accum + (bh * p.seqlen_q_rounded + i) * kHeadDim + c;
+  if (i >= seq.seqlen_q) return;
+  const float* acc = p.dq_accum + (bwd_row0(p, seq, h) + i) * kHeadDim + c;
   const float4 x = *reinterpret_cast<const float4*>(acc);
   const float4 y = *reinterpret_cast<const float4*>(acc + 4);
   const float s = p.scale;

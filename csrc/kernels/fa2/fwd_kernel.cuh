@@ -53,20 +53,22 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
 
-  // Flat grid, heads outermost; within a head the last (for causal: heaviest) query tiles launch first.
+  // Flat grid, heads outermost; within a head the last (for causal: heaviest) query tiles launch first. The
+  // grid is sized by the longest sequence (p.seqlen_q); tiles past this sequence's end have nothing to do.
   const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
   const int bh = blockIdx.x / num_m_blocks;
   const int m_block = num_m_blocks - 1 - blockIdx.x % num_m_blocks;
   const int b = bh / p.heads_q, h = bh % p.heads_q, hk = h / p.head_group;
   const SeqInfo seq = seq_info(p, b);
   const int m0 = m_block * kBlockM;
-  const int m_end = min(m0 + kBlockM, p.seqlen_q);
+  if (m0 >= seq.seqlen_q) return;
+  const int m_end = min(m0 + kBlockM, seq.seqlen_q);
 
   const T* q = seq.q_side(static_cast<const T*>(p.q), p.q_batch_stride, p.q_head_stride, p.q_row_stride, h);
   const T* k = seq.k_side(static_cast<const T*>(p.k), p.k_batch_stride, p.k_head_stride, p.k_row_stride, hk);
   const T* v = seq.k_side(static_cast<const T*>(p.v), p.v_batch_stride, p.v_head_stride, p.v_row_stride, hk);
   T* o = seq.q_side(static_cast<T*>(p.o), p.o_batch_stride, p.o_head_stride, p.o_row_stride, h);
-  float* lse = p.lse + (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q;
+  float* lse = p.lse + lse_row0(p, seq, h);
 
   const WindowMask mask = WindowMask::of(p, seq);
   const int key_begin = mask.key_begin(m0), key_end = mask.key_end(m_end);
@@ -90,10 +92,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
   auto load_kv = [&](int stage, int n_block) {
     const uint32_t sKs = sK0 + 2 * stage * KVTile::kBytes;
     if (n_block < n_block_end) {
-      KVTile::template load_async<Tr::kThreads>(sKs, k, p.k_row_stride, n_block * kBlockN, p.seqlen_k, tid);
+      KVTile::template load_async<Tr::kThreads>(sKs, k, p.k_row_stride, n_block * kBlockN, seq.seqlen_k, tid);
       cp_async_commit();
       KVTile::template load_async<Tr::kThreads>(sKs + KVTile::kBytes, v, p.v_row_stride, n_block * kBlockN,
-                                                p.seqlen_k, tid);
+                                                seq.seqlen_k, tid);
       cp_async_commit();
     } else {
       cp_async_commit();  // empty groups keep the wait counts below uniform
@@ -101,7 +103,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
     }
   };
   if (n_block_begin < n_block_end) {
-    QTile::template load_async<Tr::kThreads>(sQ, q, p.q_row_stride, m0, p.seqlen_q, tid);
+    QTile::template load_async<Tr::kThreads>(sQ, q, p.q_row_stride, m0, seq.seqlen_q, tid);
     cp_async_commit();
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) load_kv(s, n_block_begin + s);
@@ -248,13 +250,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
         const uint32_t packed = pack2<T>(acc_o[mi][di][2 * half] * inv, acc_o[mi][di][2 * half + 1] * inv);
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(QTile::addr(sQ, r, di * 8 + 2 * t)), "r"(packed));
       }
-      if (t == 0 && m0 + r < p.seqlen_q) lse[m0 + r] = st.lse();
+      if (t == 0 && m0 + r < seq.seqlen_q) lse[m0 + r] = st.lse();
     }
   __syncthreads();
 #pragma unroll
   for (int i = tid; i < QTile::kChunks; i += Tr::kThreads) {
     const int r = i / QTile::kChunksPerRow, c = (i % QTile::kChunksPerRow) * 8;
-    if (m0 + r < p.seqlen_q) {
+    if (m0 + r < seq.seqlen_q) {
       uint4 val;
       asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
                    : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w) : "r"(QTile::addr(sQ, r, c)));
