@@ -1,6 +1,6 @@
 """Backward benchmark: flashattn_ext.attention's backward against the PyTorch SDPA backends, same run, same inputs.
 
-    python bench/bench_bwd.py [--shapes peers|quick] [--algorithms fa2,fa1] [--out DIR]
+    python bench/bench_bwd.py [--shapes peers|quick] [--algorithms fa2,fa1] [--out DIR]   ("ours" = auto)
 
 Shapes are the backward rows of /work/shared/PEERS.md (B*S = 16k tokens, Hq*D = 2048, bf16). For each shape it
 times the backward alone (autograd.grad on a retained graph) and forward+backward, counting backward FLOPs as
@@ -70,7 +70,9 @@ def peak_mib(fwd, q, k, v):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", choices=sorted(SHAPES), default="peers")
-    ap.add_argument("--algorithms", default="fa2", help="comma list of ours to time: fa2 (default), fa1")
+    ap.add_argument("--algorithms", default="fa2",
+                    help="comma list of extra columns besides 'ours' (= algorithm 'auto': fa3 on Hopper, else fa2): "
+                         "fa2, fa1, fa3")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results"))
     args = ap.parse_args()
@@ -80,17 +82,19 @@ def main():
     import flashattn_ext
     os.makedirs(args.out, exist_ok=True)
 
-    with_fa1 = "fa1" in args.algorithms.split(",")
+    extra = [a for a in args.algorithms.split(",") if a]
     header = ["shape", "ours bwd", "flash bwd", "cudnn bwd", "eff bwd", "ours/flash", "ours/cudnn",
-              "ours f+b", "flash f+b", "cudnn f+b", "f+b ours/flash"] + (["fa1 bwd", "ours/fa1"] if with_fa1 else [])
+              "ours f+b", "flash f+b", "cudnn f+b", "f+b ours/flash"]
+    for a in extra:
+        header += [f"{a} bwd", f"ours/{a}"]
     rows, results, errors = [], [], {}
     for B, Hq, Hkv, S, D, causal in SHAPES[args.shapes]:
         q, k, v = inputs(B, Hq, Hkv, S, D)
         fwd_flops = attn_fwd_flops(B, Hq, S, S, D, causal)
-        methods = {"ours": lambda: flashattn_ext.attention(q, k, v, causal=causal)}  # "ours" = fa2
+        methods = {"ours": lambda: flashattn_ext.attention(q, k, v, causal=causal)}  # "ours" = algorithm "auto"
         methods.update(peers_fwd(q, k, v, causal))
-        if with_fa1:
-            methods["fa1"] = lambda: flashattn_ext.attention(q, k, v, causal=causal, algorithm="fa1")
+        for a in extra:
+            methods[a] = lambda a=a: flashattn_ext.attention(q, k, v, causal=causal, algorithm=a)
         tf = {}
         for name, fn in methods.items():
             try:
@@ -105,8 +109,8 @@ def main():
                tf["sdpa_efficient"][0], ratio(tf["ours"][0], tf["sdpa_flash"][0]),
                ratio(tf["ours"][0], tf["sdpa_cudnn"][0]), tf["ours"][1], tf["sdpa_flash"][1], tf["sdpa_cudnn"][1],
                ratio(tf["ours"][1], tf["sdpa_flash"][1])]
-        if with_fa1:
-            row += [tf["fa1"][0], ratio(tf["ours"][0], tf["fa1"][0])]
+        for a in extra:
+            row += [tf[a][0], ratio(tf["ours"][0], tf[a][0])]
         rows.append(row)
         results.append(dict(zip(header, row), B=B, Hq=Hq, Hkv=Hkv, S=S, D=D, causal=causal))
         print(row[0], {n: tuple(round(x, 1) if x else x for x in t) for n, t in tf.items()}, flush=True)

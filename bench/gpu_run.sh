@@ -24,7 +24,7 @@ for step in $STEPS; do
     selfcheck) python3 -m flashattn_ext 2>&1 | tee "$OUT/selfcheck.log" || status=1 ;;
     sanitize) bash bench/sanitize.sh 2>&1 | tee "$OUT/sanitize.log" || status=1 ;;
     fuzzslow) python3 -m pytest -q -m slow tests/test_fuzz.py tests/test_kvcache_fuzz.py 2>&1 | tail -5 | tee "$OUT/fuzz_slow.log" || status=1 ;;
-    benchbwd) python3 bench/bench_bwd.py --out "$OUT" 2>&1 | tee "$OUT/bench_bwd.log" || status=1 ;;
+    benchbwd) python3 bench/bench_bwd.py --algorithms ${BWD_ALGOS:-fa2} --out "$OUT" 2>&1 | tee "$OUT/bench_bwd.log" || status=1 ;;
     overhead) python3 bench/bench_overhead.py --out "$OUT" 2>&1 | tee "$OUT/bench_overhead.log" || status=1 ;;
     benchdecode) python3 bench/bench_decode.py --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" || status=1 ;;
     generate) python3 examples/generate.py 2>&1 | tee "$OUT/generate.log" || status=1 ;;
