@@ -129,7 +129,7 @@ def decode_inputs(B, L, Hq=32, Hkv=8, D=128, page=16):
     q = torch.randn(B, Hq, 1, D, generator=g).to("cuda", BF16)
     k = torch.randn(B, Hkv, L, D, generator=g).to("cuda", BF16)
     v = torch.randn(B, Hkv, L, D, generator=g).to("cuda", BF16)
-    kp, vp, table = paged_copy(k, v, page, g)
+    kp, vp, table = paged_copy(k, v, page, torch.Generator(device="cuda").manual_seed(B * 7919 + L))
     lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
     ws = flashattn_ext.DecodeWorkspace(B, Hq, 1, D)
     return q, k, v, kp, vp, table, lens, ws

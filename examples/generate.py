@@ -74,10 +74,8 @@ class Pages:
         return self.cache.add_sequence()
 
     def reserve(self, seqs, n):
-        lens = self.cache.seqlens(seqs)
-        for s in seqs:
-            self.cache.extend(s, n)
-        return lens, self.cache.block_table(seqs)
+        step = self.cache.step(seqs, n)  # host bookkeeping; the lengths and table arrive on the cache's device
+        return step.cache_seqlens, step.block_table
 
     def layer(self, i):
         return self.cache.layer(i)

@@ -258,7 +258,7 @@ def test_gpu_host_copies_cannot_reach_the_kernel():
     kp, vp = cache.layer(0)
     q = torch.randn(1, 4, 1, D, device="cuda", dtype=torch.bfloat16)
     k_new = torch.randn(1, 2, 1, D, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="cache_seqlens is on cpu"), torch.no_grad():
+    with pytest.raises(ValueError, match=r"cache_seqlens .*on cpu"), torch.no_grad():
         attention_with_kvcache(q, kp, vp, cache.seqlens([s]), cache.block_table([s]).cuda(), k_new, k_new)
     step = cache.step([s], 1)
     with torch.no_grad():
