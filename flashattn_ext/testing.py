@@ -38,6 +38,36 @@ def need_family(algorithm, D):
         pytest.skip(f"fa3 takes head dims {FA3_HEAD_DIMS}")
 
 
+class FamilyUnderTest:
+    """Runs every test of a GPU test module once per family in GPU_FAMILIES. In the module:
+
+        FAMILY = FamilyUnderTest()
+        family = FAMILY.fixture()      # autouse, parametrised: sets FAMILY.name for each test
+        attention = FAMILY.attention   # flashattn_ext.attention(..., algorithm=FAMILY.name)
+    """
+
+    def __init__(self):
+        self.name = "fa2"
+
+    def fixture(self):
+        import pytest
+
+        @pytest.fixture(autouse=True, params=GPU_FAMILIES)
+        def family(request):
+            self.name = request.param
+            yield request.param
+            self.name = "fa2"
+
+        return family
+
+    def attention(self, q, k, v, **kwargs):
+        """flashattn_ext.attention on the family under test (forward and, under autograd, backward)."""
+        from .api import attention
+
+        need_family(self.name, q.shape[-1])
+        return attention(q, k, v, algorithm=self.name, **kwargs)
+
+
 def need_head_dim(D):
     """Skip the calling test when head dim D is not compiled into this build."""
     if D not in BUILT_HEAD_DIMS:

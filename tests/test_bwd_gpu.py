@@ -8,28 +8,16 @@ import torch
 
 import flashattn_ext
 from flashattn_ext.reference import attention_reference, visible_mask
-from flashattn_ext.testing import (BF16, D_DEFAULT, DEVICE, FP16, GPU_FAMILIES, HAS_FA3, make_qkv, max_abs_err,
-                                   need_family, need_head_dim, seed_of)
+from flashattn_ext.testing import (BF16, D_DEFAULT, DEVICE, FP16, HAS_FA3, FamilyUnderTest, make_qkv, max_abs_err,
+                                   need_head_dim, seed_of)
 
 pytestmark = pytest.mark.requires_cuda_ext
 
 # Every test here runs once per kernel family this GPU has (flashattn_ext.testing.GPU_FAMILIES); with "fa3" the
 # backward is the Hopper one at D64/D128 and FA2's after a fa3 forward at D256.
-_family = "fa2"
-
-
-@pytest.fixture(autouse=True, params=GPU_FAMILIES)
-def family(request):
-    global _family
-    _family = request.param
-    yield request.param
-    _family = "fa2"
-
-
-def attention(q, k, v, **kwargs):
-    """flashattn_ext.attention on the family under test (forward and backward)."""
-    need_family(_family, q.shape[-1])
-    return flashattn_ext.attention(q, k, v, algorithm=_family, **kwargs)
+FAMILY = FamilyUnderTest()
+family = FAMILY.fixture()
+attention = FAMILY.attention
 
 
 def test_auto_backward_family():

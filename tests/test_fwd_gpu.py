@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import flashattn_ext
-from flashattn_ext import attention as flashattn_attention
 from flashattn_ext.reference import visible_mask
-from flashattn_ext.testing import (BF16, BUILT_HEAD_DIMS, D_DEFAULT, DEVICE, FA3_HEAD_DIMS, FP16, GPU_FAMILIES,
-                                   HAS_FA3, lse_check, make_qkv, need_family, need_head_dim, seed_of, two_x_rule)
+from flashattn_ext.testing import (BF16, BUILT_HEAD_DIMS, D_DEFAULT, DEVICE, FA3_HEAD_DIMS, FP16, FamilyUnderTest,
+                                   HAS_FA3, lse_check, make_qkv, need_head_dim, seed_of, two_x_rule)
 
 pytestmark = pytest.mark.requires_cuda_ext
 
@@ -18,21 +17,9 @@ OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_static", "
 
 
 # Every test here runs once per kernel family this GPU has (flashattn_ext.testing.GPU_FAMILIES).
-_family = "fa2"
-
-
-@pytest.fixture(autouse=True, params=GPU_FAMILIES)
-def family(request):
-    global _family
-    _family = request.param
-    yield request.param
-    _family = "fa2"
-
-
-def attention(q, k, v, **kwargs):
-    """flashattn_ext.attention on the family under test."""
-    need_family(_family, q.shape[-1])
-    return flashattn_attention(q, k, v, algorithm=_family, **kwargs)
+FAMILY = FamilyUnderTest()
+family = FAMILY.fixture()
+attention = FAMILY.attention
 
 
 def test_auto_picks_fa3_on_hopper():
