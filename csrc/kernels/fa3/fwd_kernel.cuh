@@ -1,12 +1,15 @@
 // Hopper (sm_90a) FlashAttention forward: TMA loads, wgmma, warp specialisation.
 //
-// One block per (query tile of 128 rows, batch, head), 3 warpgroups:
-//   warpgroup 0 (producer): one thread issues TMA copies of Q once and of K/V tiles into a ring of kStages
-//     shared-memory stages; "full" mbarriers complete when the bytes land, "empty" ones when both consumers
-//     are done with a stage. It gives most of its registers away (setmaxnreg).
+// One block per (query tile of 128 rows, batch, head) (FAE_FA3_PERSISTENT=1: one block per SM striding over the
+// tiles; measured slower, bench/NOTES.md), 3 warpgroups:
+//   warpgroup 0 (producer): one thread issues TMA copies of the Q tile and of K/V tiles into a ring of kStages
+//     shared-memory stages; "full" mbarriers complete when the bytes land, "K free" / "V free" ones when both
+//     consumers are done with a stage's K or V. It gives most of its registers away (setmaxnreg).
 //   warpgroups 1, 2 (consumers): 64 query rows each. S = Q K^T with both operands in shared memory,
 //     online softmax in registers (base 2, scale * log2(e) folded in), O += P V with P straight from the
-//     S accumulators (registers) and V read transposed from shared memory.
+//     S accumulators (registers) and V read transposed from shared memory; S(i) is issued with PV(i-1) and
+//     the consumers take turns issuing (ping-pong).
+// The FAE_FA3_* macros are tuning experiments (bench/fa3_variants.sh); the defaults are the measured best.
 // Shared-memory tiles are stored as the TMA writes them with the 128-byte swizzle: each 64-column panel of a
 // tile is rows x 128 bytes, 8-row atoms of 1024 bytes; the wgmma descriptors below address that layout.
 #pragma once
