@@ -143,6 +143,8 @@ def make_extension():
     host_defines = [f"-DFAE_HEAD_DIMS={','.join(map(str, head_dims))}", f'-DFAE_CUDA_ARCHS="{";".join(archs)}"']
     if decode_dims:
         host_defines.append(f"-DFAE_DECODE_HEAD_DIMS={','.join(map(str, decode_dims))}")
+    for name in ("FA3_HEAD_DIMS", "FA3_BWD_HEAD_DIMS"):  # the Hopper family's head dims (may be empty)
+        host_defines.append(f"-DFAE_{name}={','.join(str(d) for d in CONFIG[name] if d in head_dims)}")
     # No -std: torch picks the C++ standard its headers need (17 for 2.11, 20 for 2.14).
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *arch_flags(archs)]
     nvcc_flags += os.environ.get("FLASHATTN_EXT_NVCC_FLAGS", "").split()  # tuning experiments

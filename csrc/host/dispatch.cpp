@@ -47,8 +47,11 @@ bool fa3_has(int head_dim, std::initializer_list<int> family_dims) {
 
 }  // namespace
 
-bool fa3_fwd_available(int head_dim) { return fa3_has(head_dim, {64, 128, 256}); }
-bool fa3_bwd_available(int head_dim) { return fa3_has(head_dim, {64, 128}); }
+#if !defined(FAE_FA3_HEAD_DIMS) || !defined(FAE_FA3_BWD_HEAD_DIMS)
+#error "FAE_FA3_HEAD_DIMS / FAE_FA3_BWD_HEAD_DIMS are set by setup.py from flashattn_ext/_build_config.py"
+#endif
+bool fa3_fwd_available(int head_dim) { return fa3_has(head_dim, {FAE_FA3_HEAD_DIMS}); }
+bool fa3_bwd_available(int head_dim) { return fa3_has(head_dim, {FAE_FA3_BWD_HEAD_DIMS}); }
 
 Family choose_family(c10::string_view algorithm, int arch, Direction direction, int head_dim, bool varlen) {
   if (varlen) {  // only the FA2 kernels follow packed sequences (SeqInfo) so far
