@@ -19,7 +19,8 @@ Attention is the only difference between the runs:
     (CUDA: the hand-written forward and backward; CPU: the reference path, PyTorch's fused CPU attention);
   * sdpa: ``torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=HKV < H)``.
 
-On CUDA both runs use bf16 autocast (float32 weights and optimizer); on CPU they run in float32.
+On CUDA both runs use bf16 autocast (float32 weights and optimizer); on CPU they run in float32 (``run(...,
+precision=)`` overrides either).
 
 Pass rule (exit status 1 otherwise), on the loss curves smoothed by a trailing mean over SMOOTH = 10 steps:
   1. the two curves agree: the mean |smoothed flashattn_ext - smoothed sdpa| over the last TAIL = 50 steps (all
@@ -35,14 +36,14 @@ Pass rule (exit status 1 otherwise), on the loss curves smoothed by a trailing m
      CPU test sees < 1e-4 at every step); a causal leak (attention to future bytes) already fails this rule after
      20 steps of a tiny model (tests/test_train_gpt_example.py), long before it shows at bf16 scale.
   2. both runs learn: each curve's last smoothed loss is at least MIN_DROP = 1 nat below its first loss (ln 256 =
-     5.55 at initialisation; the byte frequencies of the corpus alone give 3.15, its unigram entropy).
+     5.55 at initialisation; the byte frequencies alone give the corpus's unigram entropy, 3.15 for Python 3.11's).
 
 Output: loss curves at ten checkpoints and tokens/s of both runs (optimizer steps included; the first
 min(10, steps / 5) steps are warm-up and not timed); under --out, train_gpt.json (configuration, both curves,
 tokens/s, the checks) and train_gpt.png (both curves; matplotlib if installed, otherwise train_gpt.csv).
 Defaults: on CUDA, 4 layers, d_model 1024, 8 heads (head dim 128), seq 4096, batch 8, 300 steps; on CPU a tiny
 model (2 layers, d_model 64, seq 128, batch 4, 60 steps) that runs in seconds.
-``run()`` and ``compare()`` are used by tests/test_train_gpt_example.py.
+tests/test_train_gpt_example.py calls ``main()`` and ``run()``.
 """
 import argparse
 import copy
