@@ -154,8 +154,8 @@ def lr_at(step, steps, lr):
 
 
 def train(model, attend, batches, steps, lr, device, bf16):
-    """Trains model in place (under bf16 autocast if bf16). Returns (per-step losses as a float list, tokens/s over the timed steps). Losses stay
-    on the device until the end: no host synchronisation inside the loop."""
+    """Trains model in place (under bf16 autocast if bf16). Returns (per-step losses as a float list, tokens/s
+    over the timed steps). Losses stay on the device until the end: no host synchronisation inside the loop."""
     cuda = device.type == "cuda"
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
@@ -203,13 +203,14 @@ def compare(ours, ref, tolerance):
     diffs = [abs(x - y) for x, y in zip(a[-tail:], b[-tail:])]
     drops = {"flashattn_ext": ours[0] - a[-1], "sdpa": ref[0] - b[-1]}
     mean_diff = sum(diffs) / tail
+    agree, learn = mean_diff < tolerance, all(d >= MIN_DROP for d in drops.values())
     return {"tail_steps": tail, "mean_abs_diff": mean_diff, "max_abs_diff": max(diffs), "tolerance": tolerance,
-            "curves_agree": mean_diff < tolerance, "drops": drops, "min_drop": MIN_DROP,
-            "both_learn": all(d >= MIN_DROP for d in drops.values()),
-            "ok": mean_diff < tolerance and all(d >= MIN_DROP for d in drops.values())}
+            "curves_agree": agree, "drops": drops, "min_drop": MIN_DROP, "both_learn": learn, "ok": agree and learn}
 
 
-def check_config(device, d_model, heads, kv_heads):
+def check_config(device, steps, d_model, heads, kv_heads):
+    if steps < 1:
+        raise SystemExit(f"need steps >= 1 (got {steps})")
     if d_model % heads or heads % kv_heads:
         raise SystemExit(f"need d_model % heads == 0 and heads % kv_heads == 0 (got {d_model}, {heads}, {kv_heads})")
     head_dim = d_model // heads
@@ -223,10 +224,10 @@ def check_config(device, d_model, heads, kv_heads):
 def run(device="cuda", steps=300, layers=4, d_model=1024, heads=8, kv_heads=8, seq=4096, batch=8, lr=6e-4,
         seed=0, precision=None, attentions=None, verbose=True):
     """Both training runs and the comparison. precision: "bf16" (autocast; the default on CUDA) or "fp32" (the
-    default on CPU). attentions: {"flashattn_ext": fn, "sdpa": fn} (the default pair;
-    tests swap in a wrong one to see the rule fail). Returns a JSON-ready dict."""
+    default on CPU). attentions: {"flashattn_ext": fn, "sdpa": fn}, the default pair (tests swap in a wrong one to
+    see the rule fail). Returns a JSON-ready dict."""
     device = torch.device(device)
-    head_dim = check_config(device, d_model, heads, kv_heads)
+    head_dim = check_config(device, steps, d_model, heads, kv_heads)
     attentions = attentions or {"flashattn_ext": flashattn_ext_attention, "sdpa": sdpa_attention}
     corpus = stdlib_corpus()
     batches = Batches(corpus, steps, batch, seq, seed, device)
@@ -298,8 +299,9 @@ def write_outputs(result, out_dir):
                     label=f"{name} ({result['tokens_per_s'][name]:,.0f} tokens/s)")
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (nats / byte)")
-        ax.set_title(f"GPT {cfg['layers']}L d{cfg['d_model']} {cfg['heads']}/{cfg['kv_heads']} heads, seq {cfg['seq']}, "
-                     f"batch {cfg['batch']}, {cfg['precision']}, {cfg.get('gpu', cfg['device'])}", fontsize=9)
+        ax.set_title(f"GPT {cfg['layers']}L d{cfg['d_model']} {cfg['heads']}/{cfg['kv_heads']} heads, "
+                     f"seq {cfg['seq']}, batch {cfg['batch']}, {cfg['precision']}, {cfg.get('gpu', cfg['device'])}",
+                     fontsize=9)
         ax.legend()
         ax.grid(alpha=0.3)
         path = os.path.join(out_dir, "train_gpt.png")

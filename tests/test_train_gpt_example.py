@@ -11,7 +11,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from flashattn_ext.testing import need_head_dim
 
