@@ -2,8 +2,7 @@
 
 The CPU test runs the example's command line on a tiny model (the reference path against SDPA: the same math in
 float32, so the curves must coincide step by step); a second CPU test shows the comparison is not vacuous (a run
-whose attention sees future bytes fails the float32 rule). The GPU test trains ~30 steps in
-bf16 through the CUDA kernels (GQA, head dim 128) and asserts the example's own rule. Tokens/s are printed by the
+whose attention sees future bytes fails the float32 rule). The GPU test trains 30 steps in bf16 through the CUDA kernels (GQA, head dim 128) and asserts the example's own rule. Tokens/s are printed by the
 example and not asserted here.
 """
 import importlib.util
@@ -12,6 +11,7 @@ import os
 
 import pytest
 
+import flashattn_ext
 from flashattn_ext.testing import need_head_dim
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_gpt.py")
@@ -46,7 +46,6 @@ def test_train_gpt_rule_catches_a_causal_leak():
     tiny model its curve already departs from SDPA's by more than the float32 tolerance (the comparison is not
     vacuous; the model has not yet learned to exploit the leak, so the gap is still far below the bf16 one)."""
     example = load_example()
-    import flashattn_ext
     leaky = {"flashattn_ext": lambda q, k, v: flashattn_ext.attention(q, k, v, causal=False),
              "sdpa": example.sdpa_attention}
     res = example.run("cpu", steps=20, layers=2, d_model=64, heads=4, kv_heads=2, seq=64, batch=4, lr=3e-3,
