@@ -2,7 +2,7 @@
 # One device call: build (all cores), raw-op check, GPU tests, bench; logs under $OUT (or ./out).
 # Knobs: ARCHS (default 90a while iterating), HEAD_DIMS (default all), ALGOS (bench_fwd algorithms, default fa3,fa2),
 # STEPS (default "build check test bench"; also probe, selfcheck, sanitize, fuzzslow, benchbwd, benchdecode,
-# generate, overhead), TEST_ARGS, TEST_TIMEOUT.
+# generate, overhead, traingpt), TEST_ARGS, TEST_TIMEOUT.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-build check test bench}
@@ -28,6 +28,7 @@ for step in $STEPS; do
     overhead) python3 bench/bench_overhead.py --out "$OUT" 2>&1 | tee "$OUT/bench_overhead.log" || status=1 ;;
     benchdecode) python3 bench/bench_decode.py --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" || status=1 ;;
     generate) python3 examples/generate.py 2>&1 | tee "$OUT/generate.log" || status=1 ;;
+    traingpt) python3 examples/train_gpt.py --out "$OUT" 2>&1 | tee "$OUT/train_gpt.log" || status=1 ;;
     bench) python3 bench/bench_fwd.py --algorithms ${ALGOS:-fa3,fa2} --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
