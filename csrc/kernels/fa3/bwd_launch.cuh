@@ -56,7 +56,8 @@ void fa3_bwd_dkdv(const BwdParams& p, cudaStream_t stream) {
   using Tr = Fa3BwdTraits<T, kHeadDim>;
   const Fa3BwdTmaps m = fa3_bwd_tmaps<T, kHeadDim>(p, Tr::kBlockM, Tr::kBlockN);
   auto kernel = p.deterministic ? fa3_bwd_dkdv_kernel<Tr, false> : fa3_bwd_dkdv_kernel<Tr, true>;
-  set_smem_limit(kernel, Tr::kSmemBytes, "fa3_bwd dkdv");
+  if (p.deterministic) set_smem_limit_once<fa3_bwd_dkdv_kernel<Tr, false>>(Tr::kSmemBytes, "fa3_bwd dkdv");
+  else set_smem_limit_once<fa3_bwd_dkdv_kernel<Tr, true>>(Tr::kSmemBytes, "fa3_bwd dkdv");
   fa3_bwd_check_grid(p);
   const dim3 grid(grid_size((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, "fa3_bwd"), p.heads_kv, p.batch);
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, m.q, m.k, m.v, m.dout);
@@ -68,8 +69,8 @@ template <typename T, int kHeadDim>
 void fa3_bwd_dq(const BwdParams& p, cudaStream_t stream) {
   using Tr = Fa3BwdDqTraits<T, kHeadDim>;
   const Fa3BwdTmaps m = fa3_bwd_tmaps<T, kHeadDim>(p, Tr::kBlockM, Tr::kBlockN);
-  auto kernel = fa3_bwd_dq_kernel<Tr>;
-  set_smem_limit(kernel, Tr::kSmemBytes, "fa3_bwd dq");
+  constexpr auto kernel = fa3_bwd_dq_kernel<Tr>;
+  set_smem_limit_once<kernel>(Tr::kSmemBytes, "fa3_bwd dq");
   fa3_bwd_check_grid(p);
   const dim3 grid(grid_size((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, "fa3_bwd dq"), p.heads_q, p.batch);
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, m.q, m.k, m.v, m.dout);

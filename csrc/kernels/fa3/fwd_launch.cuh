@@ -24,20 +24,23 @@ void run_fa3_fwd(const FwdParams& params, cudaStream_t stream) {
   const CUtensorMap tv = sm90::make_bhsd_tmap(params.v, kBf16, params.batch, params.heads_kv, params.seqlen_k, kHeadDim,
                                               params.v_batch_stride, params.v_head_stride, params.v_row_stride,
                                               Tr::kBlockN);
-  auto kernel = fa3_fwd_kernel<Tr>;
-  set_smem_limit(kernel, Tr::kSmemBytes, "fa3_fwd");
+  constexpr auto kernel = fa3_fwd_kernel<Tr>;
+  set_smem_limit_once<kernel>(Tr::kSmemBytes, "fa3_fwd");
   // Persistent: one block per SM (the tile needs all of its shared memory), each striding over the tiles;
   // otherwise one block per tile (the kernel's tile loop then runs once).
-  int device = 0, sms = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute(SMs)");
   const int num_tiles = static_cast<int>(grid_size(blocks, "fa3_fwd"));
 #ifdef FAE_FA3_PERSISTENT
   constexpr bool kPersistent = FAE_FA3_PERSISTENT;
 #else
   constexpr bool kPersistent = false;  // measured: the hardware's dynamic block scheduling balances better
 #endif
-  const int grid = kPersistent && num_tiles > sms ? sms : num_tiles;
+  int grid = num_tiles;
+  if constexpr (kPersistent) {
+    int device = 0, sms = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute(SMs)");
+    grid = num_tiles > sms ? sms : num_tiles;
+  }
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(params, tq, tk, tv, num_tiles);
   check_cuda(cudaGetLastError(), "fa3_fwd launch");
 }
