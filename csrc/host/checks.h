@@ -85,6 +85,22 @@ inline void check_kernel_dtype(const at::Tensor& t, const char* name, const at::
 
 void check_head_dim_compiled(int64_t head_dim);  // ops.cpp: against the head dims of this build
 
+// The checks the padded (B, H, S, D) and packed (total, H, D) forms share once their shapes are known: head dims,
+// GQA head counts, dtypes, the GPU and the build. Heads are dim 1 in both; the head dim is the last dim.
+inline void check_heads_dtypes_and_build(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK_VALUE(k.size(-1) == q.size(-1), "q and k/v must have the same head dim (last dim), got q ",
+                    shape(q.sizes()), " and k ", shape(k.sizes()));
+  TORCH_CHECK_VALUE(q.size(-1) > 0, "head dim (last dim of q, k, v) must be >= 1, got shape ", shape(q.sizes()));
+  TORCH_CHECK_VALUE(k.size(1) > 0, "k and v must have at least one head (dim 1), got shape ", shape(k.sizes()));
+  TORCH_CHECK_VALUE(q.size(1) % k.size(1) == 0, "q heads Hq=", num(q.size(1)), " must be a multiple of k/v heads Hkv=",
+                    num(k.size(1)), " (GQA: query head h uses kv head h // (Hq // Hkv))");
+  check_kernel_dtype(q, "q", q);
+  check_kernel_dtype(k, "k", q);
+  check_kernel_dtype(v, "v", q);
+  check_device_arch(q);
+  check_head_dim_compiled(q.size(-1));
+}
+
 // Everything fwd / bwd need of q, k, v, in validate.py's order.
 inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK_VALUE(q.is_cuda(), "q must be a CUDA tensor, got one on ", q.device().str());
@@ -95,17 +111,7 @@ inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                     shape(v.sizes()));
   TORCH_CHECK_VALUE(k.size(0) == q.size(0), "q and k must have the same batch size, got q ", shape(q.sizes()),
                     " and k ", shape(k.sizes()));
-  TORCH_CHECK_VALUE(k.size(3) == q.size(3), "q and k/v must have the same head dim (last dim), got q ",
-                    shape(q.sizes()), " and k ", shape(k.sizes()));
-  TORCH_CHECK_VALUE(q.size(3) > 0, "head dim (last dim of q, k, v) must be >= 1, got shape ", shape(q.sizes()));
-  TORCH_CHECK_VALUE(k.size(1) > 0, "k and v must have at least one head (dim 1), got shape ", shape(k.sizes()));
-  TORCH_CHECK_VALUE(q.size(1) % k.size(1) == 0, "q heads Hq=", num(q.size(1)), " must be a multiple of k/v heads Hkv=",
-                    num(k.size(1)), " (GQA: query head h uses kv head h // (Hq // Hkv))");
-  check_kernel_dtype(q, "q", q);
-  check_kernel_dtype(k, "k", q);
-  check_kernel_dtype(v, "v", q);
-  check_device_arch(q);
-  check_head_dim_compiled(q.size(3));
+  check_heads_dtypes_and_build(q, k, v);
   if (q.numel() == 0 || k.numel() == 0) return;  // nothing is read: no kernel launch
   const int64_t int_max = std::numeric_limits<int>::max();  // rows and (batch, head) pairs are 32-bit indices
   TORCH_CHECK_VALUE(q.size(2) < int_max && k.size(2) < int_max && q.size(0) * q.size(1) < int_max, "q ",

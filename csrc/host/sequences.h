@@ -55,17 +55,7 @@ inline Sequences check_varlen(const at::Tensor& q, const at::Tensor& k, const at
   }
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got k ", shape(k.sizes()), " and v ",
                     shape(v.sizes()));
-  TORCH_CHECK_VALUE(k.size(2) == q.size(2), "q and k/v must have the same head dim (last dim), got q ",
-                    shape(q.sizes()), " and k ", shape(k.sizes()));
-  TORCH_CHECK_VALUE(q.size(2) > 0, "head dim (last dim of q, k, v) must be >= 1, got shape ", shape(q.sizes()));
-  TORCH_CHECK_VALUE(k.size(1) > 0, "k and v must have at least one head (dim 1), got shape ", shape(k.sizes()));
-  TORCH_CHECK_VALUE(q.size(1) % k.size(1) == 0, "q heads Hq=", num(q.size(1)), " must be a multiple of k/v heads Hkv=",
-                    num(k.size(1)), " (GQA: query head h uses kv head h // (Hq // Hkv))");
-  check_kernel_dtype(q, "q", q);
-  check_kernel_dtype(k, "k", q);
-  check_kernel_dtype(v, "v", q);
-  check_device_arch(q);
-  check_head_dim_compiled(q.size(2));
+  check_heads_dtypes_and_build(q, k, v);
   check_cu_seqlens(cu_q, "cu_seqlens_q", q);
   check_cu_seqlens(cu_k, "cu_seqlens_k", q);
   TORCH_CHECK_VALUE(cu_q.size(0) == cu_k.size(0), "cu_seqlens_q and cu_seqlens_k must have the same length "
