@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over small cases of every kernel
 # (bench/sanitize_cases.py). Needs a built extension and a GPU. Prints one ERROR SUMMARY line per tool.
+# Knobs: TOOLS (default all four), FAE_SANITIZE_ALGOS (comma list, default every family; racecheck over all of
+# them takes longer than one device call, so it is run per family).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 status=0
-for tool in memcheck racecheck synccheck initcheck; do
+for tool in ${TOOLS:-memcheck racecheck synccheck initcheck}; do
   # Only our kernels are checked (namespace fae; PyTorch's own kernels are not ours to fix). Older
   # sanitizers spell the filter --filter; fall back to it if --kernel-name is refused.
   # initcheck runs unfiltered: with a filter, PyTorch's kernels that write our inputs are not instrumented
