@@ -51,7 +51,9 @@ def test_train_gpt_rule_catches_a_causal_leak():
     res = example.run("cpu", steps=20, layers=2, d_model=64, heads=4, kv_heads=2, seq=64, batch=4, lr=3e-3,
                       attentions=leaky, verbose=False)
     assert res["config"]["precision"] == "fp32"
-    assert res["checks"]["mean_abs_diff"] > 3 * example.TOLERANCE["fp32"]
+    # The docstring's claim, no extra margin: the gap is 3.0e-3 on a 16-core host and a little more on 2 cores
+    # (thread count changes the float32 reduction order), so a 3x margin sat on the edge.
+    assert res["checks"]["mean_abs_diff"] > example.TOLERANCE["fp32"]
     assert not res["checks"]["curves_agree"] and not res["ok"]
 
 
