@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over small cases of every kernel
 # (bench/sanitize_cases.py). Needs a built extension and a GPU. Prints one ERROR SUMMARY line per tool.
-# Knobs: TOOLS (default all four), FAE_SANITIZE_ALGOS (comma list, default every family; racecheck over all of
+# Knobs: TOOLS (default all four), FAE_SANITIZE_ALGOS (comma list, default every family) and
+# FAE_SANITIZE_CASES (indices into sanitize_cases.CASES; racecheck over all of
 # them takes longer than one device call, so it is run per family).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"

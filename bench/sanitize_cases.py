@@ -19,6 +19,8 @@ CASES = [  # (B, Hq, Hkv, Sq, Sk, D, causal, window, transposed)
 
 # FAE_SANITIZE_ALGOS=fa3 (say) checks one family: racecheck over every family outlasts one device call.
 ONLY = tuple(a for a in os.environ.get("FAE_SANITIZE_ALGOS", "").split(",") if a)
+# FAE_SANITIZE_CASES=0,1 (indices into CASES) runs a subset, for the same reason.
+PICK = tuple(int(i) for i in os.environ.get("FAE_SANITIZE_CASES", "").split(",") if i)
 
 
 def make(B, H, S, D, transposed):
@@ -29,7 +31,7 @@ def make(B, H, S, D, transposed):
 
 def main():
     has_bwd = hasattr(torch.ops.flashattn_ext, "bwd")
-    for B, Hq, Hkv, Sq, Sk, D, causal, window, tr in CASES:
+    for B, Hq, Hkv, Sq, Sk, D, causal, window, tr in (CASES[i] for i in PICK) if PICK else CASES:
         q, k, v = make(B, Hq, Sq, D, tr), make(B, Hkv, Sk, D, tr), make(B, Hkv, Sk, D, tr)
         algorithms = ("fa2", "fa1") + (("fa3",) if HAS_FA3 and D in FA3_HEAD_DIMS else ())
         algorithms = tuple(a for a in algorithms if a in ONLY) if ONLY else algorithms
