@@ -69,7 +69,9 @@ def chunked_reference(q, k, v, dout, causal, left, upcast):
         vc = vd[:, :, j0:j1].detach().requires_grad_()
         o, l = attention_reference(qc, kc, vc, causal=causal, window=(left, -1), return_lse=True, upcast=upcast)
         gq, gk, gv = torch.autograd.grad(o, (qc, kc, vc), dod[:, :, a:b])
-        out[:, :, a:b], lse[:, :, a:b], dq[:, :, a:b] = o, l, gq
+        # Detached: assigning a tensor that requires grad into out/lse would chain every block's autograd graph
+        # (and its saved S-wide float64 scores) onto them, which at S = 128k runs the GPU out of memory.
+        out[:, :, a:b], lse[:, :, a:b], dq[:, :, a:b] = o.detach(), l.detach(), gq
         dk[:, :, j0:j1] += gk
         dv[:, :, j0:j1] += gv
     return out, lse, dq, dk.to(dtype), dv.to(dtype)
