@@ -26,10 +26,11 @@ falls back, as do sliding windows, packed documents and custom masks: ``plan_fro
 
 Host syncs. ``max_seqlen_q/k`` size the varlen grid and the packed sizes the gathers, so one host read per mask
 is unavoidable (transformers' flash-attention path does one per layer too). It is a single ``.tolist()`` of
-[mask qualifies, the packed sizes, the max sequence lengths]; the plan is cached for the last mask object seen (weakref +
-version counter), so the layers of one forward, which share the mask tensor, pay it once. Index tensors come from
-``torch.nonzero_static`` with the size read in that same sync. The qualification check costs a few elementwise
-passes over the (B, Sq, Sk) mask that transformers already built at that size.
+[mask qualifies, the packed sizes, the max sequence lengths]; the plan is cached for the last mask object seen
+(weakref + version counter), so the layers of one forward, which share the mask tensor, pay it once; the gathers,
+the varlen calls and the scatter then run without a sync. Index tensors come from ``torch.nonzero_static`` with
+the sizes read in that same sync. The qualification check costs a few elementwise passes over the (B, Sq, Sk)
+mask that transformers already built at that size.
 """
 import weakref
 from typing import NamedTuple, Optional
