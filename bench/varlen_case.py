@@ -69,7 +69,14 @@ class VarlenCase:
         return {"label": self.label, "lengths": self.lengths, "total": self.total, "max_len": self.max_len,
                 "heads": self.heads, "head_dim": self.head_dim, "causal": self.causal,
                 "useful_flops": self.useful_flops(), "padded_shape": [len(self.lengths), self.heads, self.max_len,
-                                                                      self.head_dim]}
+                                                                      self.head_dim],
+                "dense_shapes": dense_shapes(self)}
+
+
+def dense_shapes(case):
+    """{name: (B, S)} of the dense calls with the case's total tokens: one sequence, and sequences of MAX_LEN."""
+    return {f"dense_1x{case.total // 1024}k": (1, case.total),
+            f"dense_{case.total // MAX_LEN}x{MAX_LEN // 1024}k": (case.total // MAX_LEN, MAX_LEN)}
 
 
 def varlen_cases(heads=HEADS, head_dim=HEAD_DIM):

@@ -59,4 +59,5 @@ def test_dry_run_builds_every_row_without_a_gpu(tmp_path, capsys):
     assert [c["causal"] for c in plan["varlen"]] == [False, True]
     for c in plan["varlen"]:
         assert c["total"] == 16384 and c["heads"] == 32 and c["head_dim"] == 128
+        assert c["dense_shapes"] == {"dense_1x16k": [1, 16384], "dense_4x4k": [4, 4096]}
     assert "varlen D128 H32" in capsys.readouterr().out
