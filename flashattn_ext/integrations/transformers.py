@@ -103,7 +103,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     ``is_causal`` resolves as in sdpa: the argument if given, else ``module.is_causal`` (default True), and a
     single query row (``Sq == 1``) is never masked. With no ``attention_mask``, causal is bottom-right (see the
     module docstring for why that is what the registered mask function means). A padding mask runs unpadded
-    through ``attention_varlen`` (see ``unpad.py``); padded query rows of a causal call come back as 0."""
+    through ``attention_varlen`` (see ``unpad.py``); rows that see no key come back as 0."""
     hf = _transformers()
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     Sq, Sk = query.shape[2], key.shape[2]
