@@ -213,7 +213,8 @@ def test_gradients_match_sdpa_on_rows_that_see_keys():
 @pytest.mark.parametrize("Sq,Sk,causal,pads", [(97, 97, True, ("left", "right", "none")),
                                                (1, 1025, True, ("left", "middle")),
                                                (33, 1025, True, ("left", "none")),
-                                               (97, 97, False, ("right", "left"))])
+                                               (97, 97, False, ("right", "left")),
+                                               (17, 17, False, ("all", "none"))])  # a sequence with no key
 def test_gpu_bf16_within_2x_of_sdpa(Sq, Sk, causal, pads):
     import flashattn_ext
 
