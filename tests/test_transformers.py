@@ -154,19 +154,20 @@ def test_cpu_forced_fallback_keeps_bottom_right(monkeypatch):
 
 
 def padded(x, side, seed=0):
-    """A keep-mask for ids x: row 0 unpadded, the other rows padded on ``side`` by 1..S/2 tokens."""
+    """A keep-mask for ids x: row 0 unpadded, the other rows padded on ``side`` by 1..S/2 tokens ("mixed":
+    alternately left and right in one batch)."""
     g = torch.Generator().manual_seed(seed)
     am = torch.ones_like(x)
     for b in range(1, x.shape[0]):
         n = int(torch.randint(1, x.shape[1] // 2 + 1, (1,), generator=g))
-        if side == "left":
+        if side == "left" or (side == "mixed" and b % 2):
             am[b, :n] = 0
         else:
             am[b, x.shape[1] - n:] = 0
     return am
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("side", ["left", "right", "mixed"])
 def test_cpu_llama_padded_generate_runs_unpadded_and_matches(side):
     ref, ours = twin_models(transformers.AutoModelForCausalLM, llama_config())
     x = ids(3, 9, seed=4)
@@ -331,7 +332,7 @@ def test_gpu_llama_bf16_greedy_generate_matches_sdpa():
 
 
 @pytest.mark.requires_cuda_ext
-@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("side", ["left", "right", "mixed"])
 def test_gpu_llama_bf16_padded_generate_runs_unpadded_and_matches_sdpa(side):
     if 32 not in flashattn_ext.build_info()["head_dims"]:
         pytest.skip("head dim 32 not built")
