@@ -7,9 +7,14 @@ with our/peer ratios and our max abs difference from an SDPA output (shown, neve
 is visible), the extra memory of one forward at B1 H16 S16k D128, and writes fwd_results.json, fwd_results.csv
 fwd_tflops.png and fwd_vs_seqlen.png (bench/plot_fwd.py) into --out (default $OUT, else bench/results).
 
-Varlen rows (bench_varlen): attention_varlen over mixed lengths summing to 16k tokens (D128, H16), useful TFLOP/s
-(per-sequence FLOPs) against our dense call on one 16k sequence (same total tokens) and the SDPA backends on the
-batch padded to the longest sequence (no padding mask: the padded work only, so SDPA's time is a lower bound).
+Varlen rows (bench_varlen, cases from bench/varlen_case.py): attention_varlen over a fixed seeded list of lengths
+in [128, 4096] summing to 16k tokens (D128, H32, causal and not). Useful TFLOP/s (per-sequence FLOPs, credited to
+every column but dense_*) against flash-attn-style packed FlexAttention (compiled, document block mask), the SDPA
+backends on the batch padded to the longest sequence (no padding mask: the padded work only, so SDPA's time is a
+lower bound), and our dense call with the same total tokens (1 x 16k and 4 x 4k, their own FLOPs): the "varlen
+within 10% of dense" ratio is varlen/dense_*. Also writes fwd_varlen.png.
+
+    python bench/bench_fwd.py --dry-run     # no GPU: builds the rows, prints and writes fwd_plan.json to --out
 """
 import argparse
 import inspect
@@ -23,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import report  # noqa: E402
+import varlen_case  # noqa: E402
 from timing import SDPA_BACKENDS, attn_fwd_flops, median_ms, peers_fwd  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -176,39 +182,42 @@ def bench_shape(shape, dtype_default, algorithms, attention, info):
     return row
 
 
-VARLEN_LENGTHS = [5000, 3000, 2500, 1800, 1500, 1000, 700, 500, 200, 100, 84]  # sums to 16384
-VARLEN_HEADS, VARLEN_D = 16, 128
-
-
-def bench_varlen(dtype, causal):
-    """One varlen row: {"label", "results": {method: {"tflops", "ms"} or {"error"}}, "ratios"}."""
+def bench_varlen(case, dtype):
+    """One varlen row (varlen_case.VarlenCase): {"label", "case", "results": {method: {"tflops", "ms"} or
+    {"error"}}, "ratios", "maxdiff"}. Every method but dense_* is credited with the case's useful FLOPs."""
     import flashattn_ext
-    H, D, lens = VARLEN_HEADS, VARLEN_D, VARLEN_LENGTHS
-    total, B, S_max = sum(lens), len(lens), max(lens)
+    H, D, total, B, S_max = case.heads, case.head_dim, case.total, len(case.lengths), case.max_len
     q, k, v = (torch.randn(total, H, D, dtype=dtype, device="cuda") for _ in range(3))
-    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).cuda()
-    useful = sum(attn_fwd_flops(1, H, S, S, D, causal) for S in lens)
-    row = {"label": f"varlen D{D} H{H} {B} seqs {total // 1024}k" + (" causal" if causal else ""), "results": {},
-           "ratios": {}}
-    row["results"]["varlen"], _ = measure(
-        lambda: flashattn_ext.attention_varlen(q, k, v, cu, cu, S_max, S_max, causal=causal), useful)
-    # Our dense call on the same total tokens as one sequence (its own FLOPs): the issue's "within 10%" target.
-    qd, kd, vd = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, total, D) views, no copy
-    dense_flops = attn_fwd_flops(1, H, total, total, D, causal)
-    for alg in ("fa2", "auto"):
-        row["results"][f"dense_{alg}"], _ = measure(
-            lambda alg=alg: flashattn_ext.attention(qd, kd, vd, causal=causal, algorithm=alg), dense_flops)
-    # SDPA on the batch padded to S_max, counted with the useful FLOPs of the varlen batch.
+    cu, useful = case.cu_seqlens("cuda"), case.useful_flops()
+    row = {"label": case.label, "case": case.summary(), "results": {}, "ratios": {}, "maxdiff": {}}
+    row["results"]["varlen"], out = measure(
+        lambda: flashattn_ext.attention_varlen(q, k, v, cu, cu, S_max, S_max, causal=case.causal), useful)
+    # Flash-attn-style packed FlexAttention: the same packed rows as one sequence with a document block mask.
+    try:
+        row["results"]["flex_packed"], flex_out = measure(varlen_case.flex_document_fn(case, q, k, v), useful)
+    except Exception as e:
+        row["results"]["flex_packed"], flex_out = {"error": short_error(e)}, None
+    if out is not None and flex_out is not None:
+        row["maxdiff"]["varlen-flex_packed"] = max_abs_diff(out, flex_out)
+    out = flex_out = None
+    # Our dense call with the same total tokens (its own FLOPs): the issue's "within 10% of dense" target.
+    for name, (Bd, Sd) in varlen_case.dense_shapes(case).items():
+        row["results"][name] = measure_dense(flashattn_ext.attention, case, Bd, Sd, dtype)
+    # SDPA backends on the batch padded to the longest sequence, no mask (the padded work only: a lower bound on
+    # SDPA's time, so the ratio favours SDPA), credited with the useful FLOPs.
     qp, kp, vp = (torch.randn(B, H, S_max, D, dtype=dtype, device="cuda") for _ in range(3))
-    for name, fn in peers_fwd(qp, kp, vp, causal).items():
+    for name, fn in peers_fwd(qp, kp, vp, case.causal).items():
         row["results"][f"padded_{name}"], _ = measure(fn, useful)
     a = row["results"]["varlen"].get("tflops")
     for m, r in row["results"].items():
         if m != "varlen" and a and r.get("tflops"):
             row["ratios"][f"varlen/{m}"] = a / r["tflops"]
-    del q, k, v, qd, kd, vd, qp, kp, vp
-    torch.cuda.empty_cache()
-    return row
+    return row  # the caller empties the CUDA cache once these locals are gone
+
+
+def measure_dense(attention, case, B, S, dtype):
+    q, k, v = (torch.randn(B, case.heads, S, case.head_dim, dtype=dtype, device="cuda") for _ in range(3))
+    return measure(lambda: attention(q, k, v, causal=case.causal), case.dense_flops(B, S))[0]
 
 
 def extra_mib(fn):
@@ -245,13 +254,15 @@ def bench_memory(dtype, algorithms, attention, info):
     return res
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", choices=sorted(SHAPES), default="peers")
     p.add_argument("--algorithms", nargs="+", default=["fa2"], help="our algorithms, space or comma separated")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results"))
-    a = p.parse_args()
+    p.add_argument("--dry-run", action="store_true", help="build the rows on the CPU, print them, measure nothing")
+    p.add_argument("--no-varlen", action="store_true", help="skip the varlen rows")
+    a = p.parse_args(argv)
     a.algorithms = [s for arg in a.algorithms for s in arg.split(",") if s]
     return a
 
@@ -267,8 +278,27 @@ def restore_sdp_flags(flags):
         setter(on)
 
 
-def main():
-    args = parse_args()
+def dry_run(args):
+    """Everything a GPU run would set up, without a GPU: the dense shapes and the varlen cases."""
+    dtype = DTYPES[args.dtype]
+    plan = {"args": vars(args),
+            "shapes": [label(B, Hq, Hkv, S, D, causal, dt or dtype) for B, Hq, Hkv, S, D, causal, dt in
+                       SHAPES[args.shapes]],
+            "varlen": [] if args.no_varlen else [c.summary() for c in varlen_case.varlen_cases()]}
+    for s in plan["shapes"]:
+        print(s)
+    for c in plan["varlen"]:
+        print(f"{c['label']}: lengths {c['lengths']}, padded {c['padded_shape']}, "
+              f"useful {c['useful_flops'] / 1e12:.2f} TFLOP")
+    os.makedirs(args.out, exist_ok=True)
+    report.write_json(os.path.join(args.out, "fwd_plan.json"), plan)
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     if not torch.cuda.is_available():
         print("bench_fwd.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.",
               file=sys.stderr)
@@ -290,11 +320,14 @@ def main():
                                           for n, r in rows[-1]["results"].items()}, flush=True)
             memory = bench_memory(DTYPES[args.dtype], args.algorithms, attention, info)
             varlen_rows = []
-            for causal in (False, True):
+            for case in [] if args.no_varlen else varlen_case.varlen_cases():
                 try:
-                    varlen_rows.append(bench_varlen(DTYPES[args.dtype], causal))
+                    varlen_rows.append(bench_varlen(case, DTYPES[args.dtype]))
                 except Exception as e:  # e.g. a package without attention_varlen: the dense rows still count
-                    varlen_rows.append({"label": f"varlen causal={causal}", "error": short_error(e)})
+                    varlen_rows.append({"label": case.label, "error": short_error(e)})
+                torch.cuda.empty_cache()
+                print(varlen_rows[-1]["label"], {n: round(r["tflops"], 1) if "tflops" in r else "n/a"
+                                                 for n, r in varlen_rows[-1].get("results", {}).items()}, flush=True)
     finally:
         restore_sdp_flags(flags)  # sdpa_kernel restores them too; this also covers an exception mid-way
 
@@ -317,15 +350,17 @@ def main():
     report.print_table(header, table)
     print(f"\nextra memory of one forward, {memory['label']}:",
           ", ".join(f"{k} " + (f"+{v:.1f} MiB" if isinstance(v, float) else str(v)) for k, v in memory["extra_MiB"].items()))
-    print("\nvarlen (useful TFLOP/s; dense_*: one sequence of the same total tokens; padded_*: SDPA on the batch "
-          "padded to the longest sequence, no mask)")
+    print("\nvarlen (useful TFLOP/s; flex_packed: FlexAttention, document mask over the packed rows; padded_*: SDPA "
+          "on the batch padded to the longest sequence, no mask; dense_*: our dense call on the same total tokens, "
+          "its own FLOPs)")
     for r in varlen_rows:
         if "error" in r:
             print(f"  {r['label']}: {r['error']}")
             continue
         print(f"  {r['label']}:", ", ".join(f"{m} {x['tflops']:.1f}" if "tflops" in x else f"{m} n/a ({x['error']})"
                                           for m, x in r["results"].items()))
-        print("    ratios:", ", ".join(f"{k} {x:.2f}x" for k, x in r["ratios"].items()))
+        print("    ratios:", ", ".join(f"{k} {x:.2f}x" for k, x in r["ratios"].items()),
+              "| maxdiff:", r.get("maxdiff"))
     errors = {}  # one line per distinct (method, error), not per shape
     for r in rows:
         for m in methods:
@@ -342,6 +377,12 @@ def main():
                  [f"{m}_tflops" for m in methods] + [f"{m}_ms" for m in methods] + ratio_keys + \
                  [f"{a}_maxdiff" for a in algs] + ["ref", "errors"]
     report.write_csv(os.path.join(args.out, "fwd_results.csv"), csv_header, csv_rows)
+    measured = [r for r in varlen_rows if "results" in r]
+    if measured:
+        methods_v = list(dict.fromkeys(m for r in measured for m in r["results"]))
+        report.plot_bars(os.path.join(args.out, "fwd_varlen.png"), [r["label"] for r in measured],
+                         {m: [r["results"].get(m, {}).get("tflops") for r in measured] for m in methods_v},
+                         "TFLOP/s (useful; dense_*: their own)", f"varlen forward, {env.get('device')}")
     report.plot_bars(os.path.join(args.out, "fwd_tflops.png"), [r["label"] for r in rows],
                      {m: [r["results"][m].get("tflops") for r in rows] for m in methods}, "TFLOP/s",
                      f"forward, {env.get('device')}, torch {env['torch']}")

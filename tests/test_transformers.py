@@ -153,15 +153,75 @@ def test_cpu_forced_fallback_keeps_bottom_right(monkeypatch):
     torch.testing.assert_close(got, want[:, 5:], atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_llama_left_padded_generate_falls_back_and_matches():
-    ref, ours = twin_models(transformers.AutoModelForCausalLM, llama_config())
-    x = ids(2, 9, seed=4)
+def padded(x, side, seed=0):
+    """A keep-mask for ids x: row 0 unpadded, the other rows padded on ``side`` by 1..S/2 tokens ("mixed":
+    alternately left and right in one batch)."""
+    g = torch.Generator().manual_seed(seed)
     am = torch.ones_like(x)
-    am[0, :3] = 0  # left padding
-    kw = dict(attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for b in range(1, x.shape[0]):
+        n = int(torch.randint(1, x.shape[1] // 2 + 1, (1,), generator=g))
+        if side == "left" or (side == "mixed" and b % 2):
+            am[b, :n] = 0
+        else:
+            am[b, x.shape[1] - n:] = 0
+    return am
+
+
+@pytest.mark.parametrize("side", ["left", "right", "mixed"])
+def test_cpu_llama_padded_generate_runs_unpadded_and_matches(side):
+    ref, ours = twin_models(transformers.AutoModelForCausalLM, llama_config())
+    x = ids(3, 9, seed=4)
+    kw = dict(attention_mask=padded(x, side, seed=4), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              pad_token_id=0)
+    assert torch.equal(ours.generate(x, **kw), ref.generate(x, **kw))
+    assert kernel_only(LAYERS * 6), sdpa_stats()  # prefill + 5 decode steps, all through attention_varlen
+
+
+def test_cpu_llama_padded_forward_and_grads_match_sdpa():
+    ref, ours = twin_models(transformers.AutoModelForCausalLM, llama_config())
+    x = ids(3, 17, seed=11)
+    for side in ("left", "right"):
+        am = padded(x, side, seed=12)
+        labels = x.masked_fill(am == 0, -100)
+        outs = []
+        for m in (ref, ours):
+            m.zero_grad()
+            m.train()
+            reset_sdpa_stats()
+            out = m(x, attention_mask=am, labels=labels)
+            out.loss.backward()
+            outs.append(out.logits.detach())
+        assert kernel_only(LAYERS), sdpa_stats()
+        keep = am.bool()[..., None]
+        torch.testing.assert_close(torch.where(keep, outs[1], 0), torch.where(keep, outs[0], 0), atol=1e-5,
+                                   rtol=1e-5)
+        for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=f"{side}: {name}")
+
+
+def test_cpu_custom_4d_mask_still_falls_back_and_matches():
+    # A sliding-window mask is not padding: transformers' sdpa runs it, counted as an "attn_mask" fallback.
+    ref, ours = twin_models(transformers.AutoModelForCausalLM, llama_config())
+    x = ids(2, 12, seed=13)
+    i = torch.arange(12)
+    mask = ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 4))[None, None].expand(2, 1, 12, 12)
+    with torch.no_grad():
+        want, got = ref(x, attention_mask=mask).logits, ours(x, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert sdpa_stats() == {"flashattn_ext": 0, "fallback": LAYERS, "fallback_reasons": {"attn_mask": LAYERS}}
+
+
+def test_cpu_llama_padded_static_cache_generate_matches():
+    # A static cache's future slots make the prefill mask not bottom-right (falls back); each decode step's query
+    # sees every valid key and runs unpadded.
+    ref, ours = twin_models(transformers.AutoModelForCausalLM, llama_config())
+    x = ids(2, 7, seed=5)
+    kw = dict(attention_mask=padded(x, "left", seed=5), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+              pad_token_id=0, cache_implementation="static")
     assert torch.equal(ours.generate(x, **kw), ref.generate(x, **kw))
     s = sdpa_stats()
-    assert s["flashattn_ext"] == 0 and s["fallback_reasons"] == {"attn_mask": LAYERS * 6}, s
+    assert s["flashattn_ext"] + s["fallback"] == LAYERS * 5 and set(s["fallback_reasons"]) <= {"attn_mask"}, s
+    assert s["flashattn_ext"] >= LAYERS * 4, s
 
 
 def test_cpu_llama_static_cache_generate_matches():
@@ -190,13 +250,16 @@ def test_cpu_strict_mode_in_models():
         ours(x)  # all kernel path: fine
         am = torch.ones_like(x)
         am[1, :2] = 0
+        ours(x, attention_mask=am)  # padding: unpadded kernel path, fine
+        i = torch.arange(8)
+        window = ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 3))[None, None].expand(2, 1, 8, 8)
         with pytest.raises(RuntimeError, match="attn_mask"):
-            ours(x, attention_mask=am)
+            ours(x, attention_mask=window)
 
 
 # -------------------------------------------------------------------------------------------------- CPU, BERT
 
-def test_cpu_bert_with_and_without_padding_matches_sdpa():
+def test_cpu_bert_with_and_without_padding_runs_kernels_and_matches_sdpa():
     ref, ours = twin_models(transformers.AutoModel, bert_config())
     x = ids(3, 14, seed=7)
     am = torch.ones_like(x)
@@ -204,8 +267,8 @@ def test_cpu_bert_with_and_without_padding_matches_sdpa():
     am[2, 5:] = 0
     with torch.no_grad():
         got, want = ours(x, attention_mask=am).last_hidden_state, ref(x, attention_mask=am).last_hidden_state
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        assert sdpa_stats()["fallback_reasons"] == {"attn_mask": LAYERS}
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # padded rows too: every query row runs
+        assert kernel_only(LAYERS), sdpa_stats()  # unpadded keys through attention_varlen
         reset_sdpa_stats()
         got, want = ours(x).last_hidden_state, ref(x).last_hidden_state  # no padding: non-causal kernel path
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -242,24 +305,58 @@ def test_gpu_llama_bf16_logits_within_2x_of_sdpa():
     assert err <= bound, f"fa_ext bf16 err {err:.3e} > {bound:.3e} (sdpa bf16 err {sdpa_err:.3e})"
 
 
-@pytest.mark.requires_cuda_ext
-def test_gpu_llama_bf16_greedy_generate_matches_sdpa():
-    if 32 not in flashattn_ext.build_info()["head_dims"]:
-        pytest.skip("head dim 32 not built")
+def check_greedy_generate(x, attention_mask, new_tokens=8):
+    """fa_ext bf16 greedy generate == sdpa bf16's, except after a near-tie of the reference's top-2 scores; every
+    attention call on our kernels."""
     _, ref16, ours = gpu_models(initializer_range=0.1)  # livelier logits: fewer near-ties between top tokens
-    x = ids(2, 40, device="cuda", seed=8)
-    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+    kw = dict(attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
               pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     want = ref16.generate(x, **kw)
     reset_sdpa_stats()
     got = ours.generate(x, **kw)
-    assert kernel_only(LAYERS * 8), sdpa_stats()
+    assert kernel_only(LAYERS * new_tokens), sdpa_stats()
     if not torch.equal(got.sequences, want.sequences):
         # Only acceptable at a near-tie of the reference's top-2 scores at the first differing step.
         diff = (got.sequences != want.sequences).any(0).nonzero()[0].item() - x.shape[1]
         top2 = want.scores[diff].float().topk(2, dim=-1).values
         gap = (top2[:, 0] - top2[:, 1]).min().item()
         assert gap < 2e-2 * top2.abs().max().item(), f"tokens differ at step {diff} with top-2 gap {gap:.3e}"
+
+
+@pytest.mark.requires_cuda_ext
+def test_gpu_llama_bf16_greedy_generate_matches_sdpa():
+    if 32 not in flashattn_ext.build_info()["head_dims"]:
+        pytest.skip("head dim 32 not built")
+    x = ids(2, 40, device="cuda", seed=8)
+    check_greedy_generate(x, torch.ones_like(x))
+
+
+@pytest.mark.requires_cuda_ext
+@pytest.mark.parametrize("side", ["left", "right", "mixed"])
+def test_gpu_llama_bf16_padded_generate_runs_unpadded_and_matches_sdpa(side):
+    if 32 not in flashattn_ext.build_info()["head_dims"]:
+        pytest.skip("head dim 32 not built")
+    x = ids(4, 41, device="cuda", seed=18)
+    check_greedy_generate(x, padded(x, side, seed=18))
+
+
+@pytest.mark.requires_cuda_ext
+def test_gpu_bert_bf16_padded_forward_runs_unpadded_within_2x_of_sdpa():
+    if 32 not in flashattn_ext.build_info()["head_dims"]:
+        pytest.skip("head dim 32 not built")
+    cfg = bert_config()
+    ref32, _ = twin_models(transformers.AutoModel, cfg, device="cuda", dtype=torch.float32, seed=0)
+    ref16, ours = twin_models(transformers.AutoModel, cfg, device="cuda", dtype=torch.bfloat16, seed=0)
+    x = ids(4, 57, device="cuda", seed=19)
+    am = padded(x, "right", seed=19)
+    with torch.no_grad():
+        want = ref32(x, attention_mask=am).last_hidden_state
+        theirs = ref16(x, attention_mask=am).last_hidden_state
+        reset_sdpa_stats()
+        got = ours(x, attention_mask=am).last_hidden_state
+    assert kernel_only(LAYERS), sdpa_stats()
+    err, sdpa_err = _err(got, want), _err(theirs, want)  # every row: bidirectional calls compute padded rows too
+    assert err <= 2 * sdpa_err + 1e-3 + 1e-2 * want.abs().max().item(), (err, sdpa_err)
 
 
 @pytest.mark.requires_cuda_ext
@@ -278,12 +375,16 @@ def test_gpu_llama_bf16_cached_chunk_and_padding():
         err, sdpa_err = _err(torch.cat([first, second], 1), want), _err(theirs, want)
         assert err <= 2 * sdpa_err + 1e-3 + 1e-2 * want.abs().max().item(), (err, sdpa_err)
 
-        am = torch.ones_like(x)
-        am[0, :10] = 0  # left padding: the padded batch runs transformers' sdpa with the mask
-        reset_sdpa_stats()
-        got = ours(x, attention_mask=am).logits
-        assert sdpa_stats()["fallback_reasons"] == {"attn_mask": LAYERS}, sdpa_stats()
-        torch.testing.assert_close(got, ref16(x, attention_mask=am).logits)
+        for side in ("left", "right"):  # the padded batch runs unpadded through attention_varlen
+            am = padded(x, side, seed=9)
+            keep = am.bool()[..., None]  # compare the tokens' rows (padded rows: 0 here, unspecified under sdpa)
+            want = torch.where(keep, ref32(x, attention_mask=am).logits, 0)
+            theirs = torch.where(keep, ref16(x, attention_mask=am).logits, 0)
+            reset_sdpa_stats()
+            got = torch.where(keep, ours(x, attention_mask=am).logits, 0)
+            assert kernel_only(LAYERS), sdpa_stats()
+            err, sdpa_err = _err(got, want), _err(theirs, want)
+            assert err <= 2 * sdpa_err + 1e-3 + 1e-2 * want.abs().max().item(), (side, err, sdpa_err)
 
 
 @pytest.mark.requires_cuda_ext
@@ -293,12 +394,16 @@ def test_gpu_llama_training_grads_close_to_sdpa():
     if 32 not in flashattn_ext.build_info()["head_dims"]:
         pytest.skip("head dim 32 not built")
     ref32, ref16, ours = gpu_models()
-    x = ids(2, 96, device="cuda", seed=10)
+    x = ids(3, 96, device="cuda", seed=10)
+    am = torch.ones_like(x)
+    am[1, :20] = 0  # left padding
+    am[2, 70:] = 0  # right padding: the batch runs unpadded, forward and backward
+    labels = x.masked_fill(am == 0, -100)
     for m in (ref32, ref16, ours):
         m.train()
         if m is ours:
             reset_sdpa_stats()
-        m(x, labels=x).loss.backward()
+        m(x, attention_mask=am, labels=labels).loss.backward()
     assert kernel_only(LAYERS), sdpa_stats()
 
     def flat(m):

@@ -12,11 +12,15 @@ What runs where:
   * No mask and causal (Llama-style decoders: prefill, cached decoding, chunked prefill with a cache), or no mask
     and non-causal (encoders without padding): ``flashattn_ext.attention`` -- the CUDA kernels (bottom-right
     causal, native GQA) or, on CPU, the pure-PyTorch reference.
-  * An attention mask (padding: BERT-style batches, left-padded generation; any custom 4-D mask), dropout > 0,
-    a position bias, or inputs the kernels cannot take: transformers' own ``sdpa_attention_forward`` with the
-    mask, i.e. exactly the "sdpa" implementation. Correctness first: padding masks are not turned into kernels.
-  Both paths are counted in ``flashattn_ext.sdpa_stats()``; under ``flashattn_ext.sdpa_strict()`` a fallback
-  raises.
+  * A padding mask (BERT-style batches, left- or right-padded generation; 2-D, or a 4-D boolean/additive mask
+    that is exactly padding(+causal)): unpadded, ``flashattn_ext.attention_varlen`` over the valid tokens, as
+    transformers' flash-attention path does (``unpad.py`` says which rows are valid, what qualifies, and the one
+    host read per mask that max_seqlen needs). Padded query rows of a causal call output 0.
+  * Any other mask (sliding window, packed documents, custom 4-D masks, a static cache's future slots),
+    dropout > 0, a position bias, or inputs the kernels cannot take: transformers' own ``sdpa_attention_forward``
+    with the mask, i.e. exactly the "sdpa" implementation.
+  Both paths are counted in ``flashattn_ext.sdpa_stats()`` (a mask that does not qualify under reason
+  "attn_mask"); under ``flashattn_ext.sdpa_strict()`` a fallback raises.
 
 Causal alignment. transformers' sdpa mask function returns ``None`` ("use is_causal") in cases where SDPA's
 top-left ``is_causal`` is right, including an empty StaticCache prefill where ``Sk > Sq`` (future cache slots).
@@ -32,6 +36,7 @@ import torch
 from ..api import attention
 from ..reference import visible_mask
 from ..sdpa import FALLBACK, PATH, _record, runtime_fallback
+from .unpad import VarlenPlan, attention_unpadded, plan_from_mask
 
 DEFAULT_NAME = "fa_ext"
 
@@ -58,8 +63,8 @@ def _transformers():
 
 
 def _fallback_reason(query, key, value, attention_mask, dropout, scaling, causal, kwargs):
-    if attention_mask is not None:
-        return "attn_mask", "attention_mask given (padding or custom mask); transformers' sdpa applies it"
+    """None when the call runs on our kernels, else (reason, detail). Metadata checks first: the mask check below
+    costs a host read."""
     if kwargs.get("position_bias") is not None:
         return "position_bias", "position_bias given; transformers' sdpa folds it into an additive mask"
     try:
@@ -81,6 +86,14 @@ def _fallback_reason(query, key, value, attention_mask, dropout, scaling, causal
     return None
 
 
+def _padding_plan(query, key, attention_mask, causal):
+    """A VarlenPlan when ``attention_mask`` is a padding(+causal) mask, else (reason, detail)."""
+    if _transformers()["is_tracing"](attention_mask):  # the plan is data-dependent; leave traced graphs to sdpa
+        return "attn_mask", "attention_mask in a traced graph (unpadding reads the mask on the host)"
+    plan = plan_from_mask(attention_mask, query.shape[0], query.shape[2], key.shape[2], causal)
+    return ("attn_mask", plan) if isinstance(plan, str) else plan
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       **kwargs):
     """transformers attention function, same contract as ``transformers.integrations.sdpa_attention.
@@ -89,11 +102,19 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
     ``is_causal`` resolves as in sdpa: the argument if given, else ``module.is_causal`` (default True), and a
     single query row (``Sq == 1``) is never masked. With no ``attention_mask``, causal is bottom-right (see the
-    module docstring for why that is what the registered mask function means)."""
+    module docstring for why that is what the registered mask function means). A padding mask runs unpadded
+    through ``attention_varlen`` (see ``unpad.py``); rows that see no key come back as 0."""
     hf = _transformers()
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     Sq, Sk = query.shape[2], key.shape[2]
     reason = _fallback_reason(query, key, value, attention_mask, dropout, scaling, causal, kwargs)
+    if reason is None and attention_mask is not None:
+        plan = _padding_plan(query, key, attention_mask, causal)
+        if not isinstance(plan, VarlenPlan):
+            reason = plan
+        else:
+            _record(PATH)
+            return attention_unpadded(query, key, value, plan, causal and Sq > 1, scaling), None
     if reason is None:
         _record(PATH)
         out = attention(query, key, value, causal=causal and Sq > 1, scale=scaling)
