@@ -1,8 +1,17 @@
 // Host-side launch of the KV-cache attention kernels (append_kernel.cuh, split_kv_kernel.cuh, combine_kernel.cuh)
 // for one (dtype, head dim): the append kernel when new tokens are given, then the split kernel, then the combine
 // kernel when num_splits > 1, all on `stream` and none reading anything on the host (CUDA-graph capturable).
+//
+// The split kernel is built in a few variants (DecodeTraits knobs) so one GPU run can compare them: the
+// environment variable FAE_DECODE_VARIANT names the one to use (read on every call, so a benchmark can switch
+// between calls; a graph replays the variant it captured). Unset: kDefaultDecodeVariant. Bulk variants need
+// sm_90; on an older GPU they fall back to the cp.async variant of the same shape.
 #pragma once
 #include <cuda_runtime.h>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
 #include "../launch.h"
 #include "append_kernel.cuh"
 #include "combine_kernel.cuh"
@@ -10,31 +19,80 @@
 
 namespace fae {
 
-// Resident split-kernel blocks per SM, for the host's num_splits heuristic (a host-side query: no sync).
-// Queried once per process (the first call, normally before any graph capture), like the smem attribute.
-template <typename T, int kHeadDim>
-int decode_blocks_per_sm() {
-  using Tr = DecodeTraits<T, kHeadDim>;
+//                               name         warps stages bulk
+#define FAE_DECODE_VARIANTS(X) \
+  X(0, "cp_4w3s", 4, 3, false)   /* 64-key tiles, 16-byte cp.async gathers, 2 blocks/SM (the first version) */ \
+  X(1, "cp_2w4s", 2, 4, false)   /* 32-key tiles, 4 stages: 3 blocks/SM, more tiles in flight per SM */ \
+  X(2, "bulk_4w3s", 4, 3, true)  /* 64-key tiles, one 1-D bulk copy per K/V row, 2 blocks/SM */ \
+  X(3, "bulk_2w4s", 2, 4, true)  /* 32-key tiles, bulk rows, 4 stages, 3 blocks/SM */
+constexpr int kDefaultDecodeVariant = 0;
+
+// The variant FAE_DECODE_VARIANT names (kDefaultDecodeVariant when unset or empty); throws on an unknown name.
+inline int decode_variant_from_env() {
+  const char* env = std::getenv("FAE_DECODE_VARIANT");
+  if (env == nullptr || env[0] == '\0') return kDefaultDecodeVariant;
+#define FAE_DECODE_VARIANT_NAME(id, name, warps, stages, bulk) \
+  if (std::strcmp(env, name) == 0) return id;
+  FAE_DECODE_VARIANTS(FAE_DECODE_VARIANT_NAME)
+#undef FAE_DECODE_VARIANT_NAME
+  throw std::invalid_argument(std::string("flashattn_ext: FAE_DECODE_VARIANT='") + env +
+                              "' is not a decode variant; one of cp_4w3s, cp_2w4s, bulk_4w3s, bulk_2w4s");
+}
+
+// Calls f(DecodeTraits of the selected variant). Bulk variants on a GPU older than sm_90 run as the cp.async
+// variant of the same shape (a host-side attribute query: no sync).
+template <typename T, int kHeadDim, typename F>
+void decode_variant_switch(F&& f) {
+  int variant = decode_variant_from_env();
+  int device = 0, major = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");
+  switch (variant) {
+#define FAE_DECODE_VARIANT_CASE(id, name, warps, stages, bulk)                                 \
+  case id:                                                                                     \
+    if (bulk && major < 9) f(DecodeTraits<T, kHeadDim, warps, stages, false>{});              \
+    else f(DecodeTraits<T, kHeadDim, warps, stages, bulk>{});                                  \
+    return;
+    FAE_DECODE_VARIANTS(FAE_DECODE_VARIANT_CASE)
+#undef FAE_DECODE_VARIANT_CASE
+    default: throw std::logic_error("flashattn_ext: decode variant out of range");
+  }
+}
+
+// Resident split-kernel blocks per SM of one variant, for the host's num_splits heuristic (a host-side query: no
+// sync). Queried once per process (the first call, normally before any graph capture), like the smem attribute.
+template <typename Tr>
+int decode_blocks_per_sm_of() {
   static const int blocks = [] {
     set_smem_limit_once<decode_split_kernel<Tr>>(Tr::kSmemBytes, "decode_split");
     int n = 0;
     check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_split_kernel<Tr>, Tr::kThreads,
-                                                                    Tr::kSmemBytes),
-                      "cudaOccupancyMaxActiveBlocksPerMultiprocessor(decode_split)");
+                                                             Tr::kSmemBytes),
+               "cudaOccupancyMaxActiveBlocksPerMultiprocessor(decode_split)");
     return n > 0 ? n : 1;
   }();
   return blocks;
 }
 
+// Resident blocks per SM of the selected variant.
+template <typename T, int kHeadDim>
+int decode_blocks_per_sm() {
+  int blocks = 1;
+  decode_variant_switch<T, kHeadDim>([&](auto tr) { blocks = decode_blocks_per_sm_of<decltype(tr)>(); });
+  return blocks;
+}
+
 template <typename T, int kHeadDim>
 void run_kvcache_fwd(const KvCacheParams& p, cudaStream_t stream) {
-  using Tr = DecodeTraits<T, kHeadDim>;
   if (p.k_new != nullptr && p.seqlen_new > 0) {
     const int64_t chunks = static_cast<int64_t>(p.batch) * p.heads_kv * p.seqlen_new * (kHeadDim / 8);
     launch<kvcache_append_kernel<T, kHeadDim>>((chunks + 255) / 256, 256, 0, p, stream, "kvcache_append");
   }
   const int64_t blocks = static_cast<int64_t>(p.num_splits) * p.num_m_blocks * p.batch * p.heads_kv;
-  launch<decode_split_kernel<Tr>>(blocks, Tr::kThreads, Tr::kSmemBytes, p, stream, "decode_split");
+  decode_variant_switch<T, kHeadDim>([&](auto tr) {
+    using Tr = decltype(tr);
+    launch<decode_split_kernel<Tr>>(blocks, Tr::kThreads, Tr::kSmemBytes, p, stream, "decode_split");
+  });
   if (blocks > 0 && p.num_splits > 1) {
     constexpr int kRowsPerBlock = 128 / (kHeadDim / 4);
     const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
