@@ -13,6 +13,11 @@ from ._build_config import DECODE_HEAD_DIMS
 from .reference import attention_reference, effective_window
 
 MAX_SPLITS = 256
+# Variants of the CUDA split kernel (csrc/kernels/decode/decode_launch.cuh, FAE_DECODE_VARIANTS: warps per block,
+# ring stages, cp.async gathers or one bulk copy per K/V row). The environment variable FAE_DECODE_VARIANT picks
+# one per call (unset: the first); benchmarks and tests use it to compare and cover them all.
+DECODE_VARIANTS = ("cp_4w3s", "cp_2w4s", "bulk_4w3s", "bulk_2w4s", "bulk_2w6s")
+DECODE_VARIANT_ENV = "FAE_DECODE_VARIANT"
 
 
 def decode_head_dims():
@@ -391,4 +396,4 @@ def merge_states(o_a, lse_a, o_b, lse_b):
 
 
 __all__ = ["attention_with_kvcache", "merge_states", "DecodeWorkspace", "kvcache_reference",
-           "merge_states_reference", "gather_kv", "decode_head_dims"]
+           "merge_states_reference", "gather_kv", "decode_head_dims", "DECODE_VARIANTS", "DECODE_VARIANT_ENV"]

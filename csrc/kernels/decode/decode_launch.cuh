@@ -24,7 +24,8 @@ namespace fae {
   X(0, "cp_4w3s", 4, 3, false)   /* 64-key tiles, 16-byte cp.async gathers, 2 blocks/SM (the first version) */ \
   X(1, "cp_2w4s", 2, 4, false)   /* 32-key tiles, 4 stages: 3 blocks/SM, more tiles in flight per SM */ \
   X(2, "bulk_4w3s", 4, 3, true)  /* 64-key tiles, one 1-D bulk copy per K/V row, 2 blocks/SM */ \
-  X(3, "bulk_2w4s", 2, 4, true)  /* 32-key tiles, bulk rows, 4 stages, 3 blocks/SM */
+  X(3, "bulk_2w4s", 2, 4, true)  /* 32-key tiles, bulk rows, 4 stages, 3 blocks/SM */ \
+  X(4, "bulk_2w6s", 2, 6, true)  /* 32-key tiles, bulk rows, 6 stages, 2 blocks/SM: 5 tiles in flight each */
 constexpr int kDefaultDecodeVariant = 0;
 
 // The variant FAE_DECODE_VARIANT names (kDefaultDecodeVariant when unset or empty); throws on an unknown name.
@@ -36,7 +37,7 @@ inline int decode_variant_from_env() {
   FAE_DECODE_VARIANTS(FAE_DECODE_VARIANT_NAME)
 #undef FAE_DECODE_VARIANT_NAME
   throw std::invalid_argument(std::string("flashattn_ext: FAE_DECODE_VARIANT='") + env +
-                              "' is not a decode variant; one of cp_4w3s, cp_2w4s, bulk_4w3s, bulk_2w4s");
+                              "' is not a decode variant; one of cp_4w3s, cp_2w4s, bulk_4w3s, bulk_2w4s, bulk_2w6s");
 }
 
 // Calls f(DecodeTraits of the selected variant). Bulk variants on a GPU older than sm_90 run as the cp.async

@@ -17,7 +17,7 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
   using KVTile = typename Tr::KVTile;
 
   extern __shared__ __align__(16) char smem[];
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem);  // bulk: one mbarrier per ring stage
+  [[maybe_unused]] uint64_t* bars = reinterpret_cast<uint64_t*>(smem);  // bulk: one mbarrier per ring stage
   const uint32_t sQbase = smem_addr(smem);
   const uint32_t sQ = sQbase + Tr::kBarBytes;
   const uint32_t sRing = sQ + QTile::kBytes;  // stage s: K at sRing + 2*s*KV, V right after it
