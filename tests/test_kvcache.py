@@ -425,6 +425,36 @@ def test_gpu_one_long_sequence_split_counts(page_size, variant):
 
 
 @cuda
+def test_gpu_combine_launch_modes_agree(variant, monkeypatch):
+    # The combine kernel launched as a programmatic dependent of the split kernel (default on sm_90) and in plain
+    # stream order (FAE_DECODE_PDL=0): bitwise the same output, eager and replayed from a CUDA graph.
+    D = decode_dims()[-1]
+    c = make_case(2, 32, 8, 1, D, [6000, 77], 16, BF16, DEV, seed_of("pdl", variant))
+    ws = DecodeWorkspace(2, 32, 1, D)
+    outs = []
+    for pdl in ("1", "0"):
+        monkeypatch.setenv("FAE_DECODE_PDL", pdl)
+        step = lambda: attention_with_kvcache(c["q"], c["k_pages"], c["v_pages"], c["lens"], c["table"],
+                                              num_splits=13, workspace=ws, return_lse=True)
+        with torch.no_grad():
+            eager = step()
+            graph = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                replayed = step()
+            graph.replay()
+            torch.cuda.synchronize()
+        assert torch.equal(eager[0], replayed[0]) and torch.equal(eager[1], replayed[1])
+        outs.append(eager)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    check_rows(*outs[0], c["q"], c["k_pages"], c["v_pages"], c["table"], [6000, 77])
+
+
+@cuda
 def test_gpu_unknown_variant_raises(monkeypatch):
     D = decode_dims()[-1]
     c = make_case(1, 8, 2, 1, D, [40], 16, BF16, DEV, 12)

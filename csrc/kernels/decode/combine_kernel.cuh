@@ -8,6 +8,11 @@ namespace fae {
 // each, splits in order.
 template <typename T, int kHeadDim>
 __global__ void decode_combine_kernel(const __grid_constant__ KvCacheParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of the split kernel (decode_launch.cuh): wait until that grid has
+  // finished and its partials are visible. Without such a launch this returns at once.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   constexpr int kThreadsPerRow = kHeadDim / 4;
   constexpr int kRowsPerBlock = 128 / kThreadsPerRow;
   const int64_t total_rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;

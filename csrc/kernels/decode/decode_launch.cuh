@@ -40,24 +40,61 @@ inline int decode_variant_from_env() {
                               "' is not a decode variant; one of cp_4w3s, cp_2w4s, bulk_4w3s, bulk_2w4s, bulk_2w6s");
 }
 
-// Calls f(DecodeTraits of the selected variant). Bulk variants on a GPU older than sm_90 run as the cp.async
-// variant of the same shape (a host-side attribute query: no sync).
+// Whether the code of `Kernel` that runs on this process's GPUs was compiled for sm_90 or later, i.e. holds the
+// bulk-copy and griddepcontrol paths (a build with only sm_80 code runs its PTX on a Hopper: those paths are
+// compiled out there). A host-side query (no sync), once per kernel.
+template <auto Kernel>
+bool compiled_for_sm90() {
+  static const bool yes = [] {
+    cudaFuncAttributes attr{};
+    check_cuda(cudaFuncGetAttributes(&attr, Kernel), "cudaFuncGetAttributes(decode)");
+    return attr.ptxVersion >= 90 && attr.binaryVersion >= 90;
+  }();
+  return yes;
+}
+
+// Calls f(DecodeTraits of the selected variant). A bulk variant whose code for this GPU is not sm_90 code (an
+// older GPU, or a build without sm_90) runs as the cp.async variant of the same shape.
 template <typename T, int kHeadDim, typename F>
 void decode_variant_switch(F&& f) {
-  int variant = decode_variant_from_env();
-  int device = 0, major = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");
-  switch (variant) {
-#define FAE_DECODE_VARIANT_CASE(id, name, warps, stages, bulk)                                 \
-  case id:                                                                                     \
-    if (bulk && major < 9) f(DecodeTraits<T, kHeadDim, warps, stages, false>{});              \
-    else f(DecodeTraits<T, kHeadDim, warps, stages, bulk>{});                                  \
-    return;
+  switch (decode_variant_from_env()) {
+#define FAE_DECODE_VARIANT_CASE(id, name, warps, stages, bulk)                                                 \
+  case id: {                                                                                                   \
+    using Bulk = DecodeTraits<T, kHeadDim, warps, stages, bulk>;                                               \
+    if (bulk && !compiled_for_sm90<decode_split_kernel<Bulk>>()) f(DecodeTraits<T, kHeadDim, warps, stages, false>{}); \
+    else f(Bulk{});                                                                                            \
+    return;                                                                                                    \
+  }
     FAE_DECODE_VARIANTS(FAE_DECODE_VARIANT_CASE)
 #undef FAE_DECODE_VARIANT_CASE
     default: throw std::logic_error("flashattn_ext: decode variant out of range");
   }
+}
+
+// Whether the combine kernel is launched as a programmatic dependent of the split kernel (sm_90): its blocks
+// start while the split grid's last blocks run and wait in griddepcontrol.wait until that grid has finished and
+// its partials are visible, which hides the launch gap between the two (about a microsecond of the ~35 us one
+// long sequence takes). FAE_DECODE_PDL=0 turns it off (a plain launch in stream order).
+inline bool decode_pdl_from_env() {
+  const char* env = std::getenv("FAE_DECODE_PDL");
+  return env == nullptr || env[0] != '0';
+}
+
+template <auto Kernel>
+void launch_programmatic_dependent(int64_t blocks, int threads, const KvCacheParams& p, cudaStream_t stream,
+                                   const char* what) {
+  if (blocks <= 0) return;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(grid_size(blocks, what));
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  check_cuda(cudaLaunchKernelEx(&cfg, Kernel, p), what);
 }
 
 // Resident split-kernel blocks per SM of one variant, for the host's num_splits heuristic (a host-side query: no
@@ -97,8 +134,12 @@ void run_kvcache_fwd(const KvCacheParams& p, cudaStream_t stream) {
   if (blocks > 0 && p.num_splits > 1) {
     constexpr int kRowsPerBlock = 128 / (kHeadDim / 4);
     const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q;
-    launch<decode_combine_kernel<T, kHeadDim>>((rows + kRowsPerBlock - 1) / kRowsPerBlock, 128, 0, p, stream,
-                                               "decode_combine");
+    const int64_t combine_blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+    if (decode_pdl_from_env() && compiled_for_sm90<decode_combine_kernel<T, kHeadDim>>())
+      launch_programmatic_dependent<decode_combine_kernel<T, kHeadDim>>(combine_blocks, 128, p, stream,
+                                                                         "decode_combine");
+    else
+      launch<decode_combine_kernel<T, kHeadDim>>(combine_blocks, 128, 0, p, stream, "decode_combine");
   }
 }
 

@@ -24,6 +24,11 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The combine kernel may be scheduled once every block of this grid has started (it waits for this grid's
+  // completion itself, griddepcontrol.wait): its launch overlaps our last wave. No effect without a dependent.
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
 
   // Flat grid: split fastest, then m-block, then (batch, kv head).
   const int split = blockIdx.x % p.num_splits;
