@@ -118,14 +118,15 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
       cp_async_commit();
     }
   };
-  // Until tile j (in ring stage j % kStages) has landed, for this thread (cp.async) or for all (bulk).
+  // Until tile j (in ring stage j % kStages) has landed, for this thread (cp.async: one group per tile, the
+  // kStages - 1 younger ones may still be in flight) or for all (bulk).
   auto wait_tile = [&](int j) {
     if constexpr (Tr::kBulk) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
       sm90::mbar_wait(bars + j % kStages, (j / kStages) & 1);
 #endif
     } else {
-      cp_async_wait<kStages - 2>();
+      cp_async_wait<kStages - 1>();
     }
   };
 
@@ -155,7 +156,7 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
   }
   int page_next[Tr::kRowsPerThread];  // pages of the next tile to copy
   if (n_tiles > 0) {
-    // Q rows of the block (zero-filled past the end), then the first kStages - 1 tiles.
+    // Q rows of the block (zero-filled past the end), then the first kStages tiles: the whole ring.
     for (int ch = tid; ch < kBlockM * kCPR; ch += Tr::kThreads) {
       const int rr = ch / kCPR, cq = (ch % kCPR) * 8;
       const int r = mr0 + rr;
@@ -166,14 +167,16 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
       cp_async_16(QTile::addr(sQ, rr, cq), valid ? src : static_cast<const T*>(p.q), valid);
     }
     cp_async_commit();
+    {
+      int first[kStages][Tr::kRowsPerThread];  // every table read of the ring first: one latency, not kStages
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      fetch_pages(tile_begin + s, page_next);
-      load_tile(s, tile_begin + s, page_next);
+      for (int s = 0; s < kStages; ++s) fetch_pages(tile_begin + s, first[s]);
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) load_tile(s, tile_begin + s, first[s]);
     }
-    fetch_pages(tile_begin + kStages - 1, page_next);
+    fetch_pages(tile_begin + kStages, page_next);
     if constexpr (Tr::kBulk) cp_async_wait<0>();  // the Q group (the only cp.async group)
-    else cp_async_wait<kStages - 1>();            // the Q group has landed
+    else cp_async_wait<kStages>();                // the Q group (oldest) has landed
     __syncthreads();
   }
   // Q stays in registers for the whole key loop: A operands of every k16 step of S = Q K^T.
@@ -186,13 +189,10 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
   int stage = 0;
   for (int j = 0; j < n_tiles; ++j, stage = stage + 1 == kStages ? 0 : stage + 1) {
     const int tile = tile_begin + j;
-    wait_tile(j);  // tile j has landed (later tiles may still be in flight)
-    // This tile is visible to all warps, and every warp is done with tile j - 1, whose stage is refilled now
-    // with the pages read last iteration; the pages of the tile after it are read under this tile's math.
-    __syncthreads();
-    load_tile(stage == 0 ? kStages - 1 : stage - 1, tile + kStages - 1, page_next);
-    fetch_pages(tile + kStages, page_next);
-
+    // Tile j has landed and is visible to every warp: the stage's mbarrier phase (bulk), or this thread's
+    // cp.async groups up to tile j's (the kStages - 1 later tiles may still be in flight) then a barrier.
+    wait_tile(j);
+    if constexpr (!Tr::kBulk) __syncthreads();
     const uint32_t sK = sRing + 2 * stage * KVTile::kBytes, sV = sK + KVTile::kBytes;
     const int wrow = warp * kWarpN;  // this warp's first key row in the tile
     float acc_s[2][4];
@@ -257,6 +257,12 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
       mma_16816<T>(acc_o[2 * dp], pf, bv[0], bv[1]);
       mma_16816<T>(acc_o[2 * dp + 1], pf, bv[2], bv[3]);
     }
+    // Every warp is done with this stage: refill it at once with tile j + kStages (pages read one iteration
+    // ago), so the whole ring is in flight while the block waits for tile j + 1; then read the pages of the
+    // tile after that under the next tile's math.
+    __syncthreads();
+    load_tile(stage, tile + kStages, page_next);
+    fetch_pages(tile + kStages + 1, page_next);
   }
   if constexpr (!Tr::kBulk) cp_async_wait<0>();  // (bulk: every copy issued was waited for in the loop)
   __syncthreads();  // the ring is free: reuse it to merge the warps' partial results
