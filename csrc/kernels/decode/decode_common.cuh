@@ -74,16 +74,20 @@ struct DecodeTraits {
 };
 
 // pos -> (logical page, row in page) without an integer division when the page size is a power of two (every
-// common size): a shift and a mask, uniform over the block.
+// common size) or the cache is contiguous (one page per sequence): a shift and a mask, uniform over the block.
 struct PageSplitter {
-  int size, shift;  // shift < 0: not a power of two, divide
-  __device__ __forceinline__ explicit PageSplitter(int page_size) : size(page_size) {
-    shift = (page_size & (page_size - 1)) == 0 ? __ffs(page_size) - 1 : -1;
+  int size, shift, mask;  // shift < 0: a paged cache whose page size is not a power of two: divide
+  __device__ __forceinline__ PageSplitter(int page_size, bool contiguous) : size(page_size) {
+    if (contiguous) {  // 0 <= pos < 2^31: page 0, row pos
+      shift = 31;
+      mask = 0x7fffffff;
+    } else {
+      shift = (page_size & (page_size - 1)) == 0 ? __ffs(page_size) - 1 : -1;
+      mask = page_size - 1;
+    }
   }
   __device__ __forceinline__ int page_of(int pos) const { return shift >= 0 ? pos >> shift : pos / size; }
-  __device__ __forceinline__ int row_of(int pos, int lp) const {
-    return shift >= 0 ? pos & (size - 1) : pos - lp * size;
-  }
+  __device__ __forceinline__ int row_of(int pos, int lp) const { return shift >= 0 ? pos & mask : pos - lp * size; }
 };
 
 // Keys seen by batch b: cache_seqlens[b] + seqlen_new, clamped to [0, capacity] so a bad length can never send

@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
 
   const T* k_base = static_cast<const T*>(p.k_cache) + hk * p.k_head_stride;
   const T* v_base = static_cast<const T*>(p.v_cache) + hk * p.v_head_stride;
-  const PageSplitter pages(p.page_size);
+  const PageSplitter pages(p.page_size, p.block_table == nullptr);
 
   // This thread's rows of a tile: tile * kBlockN + r0 + it * kRowStep. cp.async: chunk column c of K and V;
   // bulk: the whole row, of K (tid < kBlockN) or V.
