@@ -14,8 +14,9 @@
 //                          S = Q K^T and O += P V with mma.sync m16n8k16 and keeps its own SoftmaxState per row.
 //                          At the end the four warps' states are merged with SoftmaxState::merge (fixed order),
 //                          then written as the final (o, lse) when num_splits == 1, else as an fp32 partial.
-//   decode_combine_kernel  merges the num_splits partials of each row in split order (SoftmaxState::merge:
-//                          deterministic), writes o in q's dtype and lse.
+//   decode_combine_kernel  merges the num_splits partials of each row (the total state with SoftmaxState::merge in
+//                          a fixed order, then the weighted sum in split order: deterministic), writes o in q's
+//                          dtype and lse. Launched as a programmatic dependent of the split kernel on sm_90.
 //
 // The number of keys of batch b, cache_seqlens[b] + seqlen_new, is read on the device: no host sync, so a
 // decode step can be captured in a CUDA graph and replayed with new lengths. Every value is clamped here, so no
