@@ -291,6 +291,17 @@ def test_cpu_merge_states_errors():
 
 
 @pytest.mark.requires_ext
+def test_decode_variant_names_match_the_kernel_list():
+    # DECODE_VARIANTS (what tests and benchmarks iterate) is the X-macro list the C++ launcher switches over.
+    import os
+    import re
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "kernels", "decode",
+                       "decode_launch.cuh")
+    with open(src) as f:
+        names = tuple(re.findall(r'^\s*X\(\d+, "([a-z0-9_]+)"', f.read(), flags=re.M))
+    assert names == DECODE_VARIANTS
+
+
 def test_kvcache_ops_fake_impls():
     if not flashattn_ext._ops.HAS_KVCACHE_OP:
         pytest.skip("flashattn_ext._C was built without the kvcache ops (rebuild)")

@@ -40,7 +40,9 @@ namespace fae {
 //            true:  each thread copies one whole K or V row (kHeadDim * 2 bytes) with a 1-D bulk copy
 //                   (cp.async.bulk, sm_90) completing on the stage's mbarrier: one instruction per row instead
 //                   of kHeadDim / 8, and the bytes in flight are tracked by the copy engine, not the LSU.
-template <typename T_, int kHeadDim_, int kWarps_ = 4, int kStages_ = 3, bool kBulk_ = false>
+//   kPrefetch  tiles beyond the ring whose rows are prefetched into L2 only (no shared memory): more bytes in
+//              flight per SM than the ring holds, and the ring's own copies then hit L2. 0: none.
+template <typename T_, int kHeadDim_, int kWarps_ = 4, int kStages_ = 3, bool kBulk_ = false, int kPrefetch_ = 0>
 struct DecodeTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -51,6 +53,7 @@ struct DecodeTraits {
   static constexpr int kBlockN = kWarps * kWarpN;  // keys per tile
   static constexpr int kStages = kStages_;
   static constexpr bool kBulk = kBulk_;
+  static constexpr int kPrefetch = kPrefetch_;
   static constexpr int kDTiles = kHeadDim / 8;
   using QTile = SmemTile<kBlockM, kHeadDim>;
   using KVTile = SmemTile<kBlockN, kHeadDim>;
@@ -69,7 +72,7 @@ struct DecodeTraits {
   static constexpr int kSmemBytes =
       kBarBytes + QTile::kBytes + (kRingBytes > kEpilogueBytes ? kRingBytes : kEpilogueBytes);
   static_assert(kHeadDim % 16 == 0 && kThreads % kChunksPerRow == 0 && kBlockN % kRowStep == 0, "tile shape");
-  static_assert(!kBulk || kThreads == 2 * kBlockN, "bulk loader: one K or V row per thread");
+  static_assert(kThreads == 2 * kBlockN, "bulk copies and L2 prefetches: one K or V row per thread");
   static_assert(kStages >= 2, "the ring needs a stage in flight while one is computed");
   static_assert(QTile::kBytes % 16 == 0, "epilogue staging must stay 16-byte aligned");
 };
@@ -90,6 +93,17 @@ struct PageSplitter {
   __device__ __forceinline__ int page_of(int pos) const { return shift >= 0 ? pos >> shift : pos / size; }
   __device__ __forceinline__ int row_of(int pos, int lp) const { return shift >= 0 ? pos & mask : pos - lp * size; }
 };
+
+// Asks L2 to fetch `bytes` (a multiple of 16, 16-byte aligned) from global memory; nothing comes back to the
+// SM. sm_90: one bulk prefetch; older: one prefetch per 128-byte line.
+__device__ __forceinline__ void l2_prefetch(const void* src, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+#else
+  for (int off = 0; off < bytes; off += 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(src) + off));
+#endif
+}
 
 // Keys seen by batch b: cache_seqlens[b] + seqlen_new, clamped to [0, capacity] so a bad length can never send
 // a load or store outside the cache.

@@ -19,25 +19,29 @@
 
 namespace fae {
 
-//                               name         warps stages bulk
+//                               name              warps stages bulk L2-prefetch tiles
 #define FAE_DECODE_VARIANTS(X) \
-  X(0, "cp_4w3s", 4, 3, false)   /* 64-key tiles, 16-byte cp.async gathers, 2 blocks/SM (the first version) */ \
-  X(1, "cp_2w4s", 2, 4, false)   /* 32-key tiles, 4 stages: 3 blocks/SM, more tiles in flight per SM */ \
-  X(2, "bulk_4w3s", 4, 3, true)  /* 64-key tiles, one 1-D bulk copy per K/V row, 2 blocks/SM */ \
-  X(3, "bulk_2w4s", 2, 4, true)  /* 32-key tiles, bulk rows, 4 stages, 3 blocks/SM */ \
-  X(4, "bulk_2w6s", 2, 6, true)  /* 32-key tiles, bulk rows, 6 stages, 2 blocks/SM: 5 tiles in flight each */
+  X(0, "cp_4w3s", 4, 3, false, 0)        /* 64-key tiles, 16-byte cp.async gathers, 2 blocks/SM */ \
+  X(1, "cp_2w4s", 2, 4, false, 0)        /* 32-key tiles, 4 stages: 3 blocks/SM */ \
+  X(2, "bulk_4w3s", 4, 3, true, 0)       /* 64-key tiles, one 1-D bulk copy per K/V row, 2 blocks/SM */ \
+  X(3, "bulk_2w4s", 2, 4, true, 0)       /* 32-key tiles, bulk rows, 4 stages, 3 blocks/SM */ \
+  X(4, "bulk_2w6s", 2, 6, true, 0)       /* 32-key tiles, bulk rows, 6 stages, 2 blocks/SM */ \
+  X(5, "cp_4w3s_pf2", 4, 3, false, 2)    /* cp_4w3s + 2 more tiles (64 KB per block) prefetched into L2 */ \
+  X(6, "bulk_4w3s_pf2", 4, 3, true, 2)   /* bulk_4w3s + 2 tiles prefetched into L2 */ \
+  X(7, "bulk_2w4s_pf4", 2, 4, true, 4)   /* bulk_2w4s + 4 tiles (64 KB per block) prefetched into L2 */
 constexpr int kDefaultDecodeVariant = 0;
 
 // The variant FAE_DECODE_VARIANT names (kDefaultDecodeVariant when unset or empty); throws on an unknown name.
 inline int decode_variant_from_env() {
   const char* env = std::getenv("FAE_DECODE_VARIANT");
   if (env == nullptr || env[0] == '\0') return kDefaultDecodeVariant;
-#define FAE_DECODE_VARIANT_NAME(id, name, warps, stages, bulk) \
+#define FAE_DECODE_VARIANT_NAME(id, name, warps, stages, bulk, prefetch) \
   if (std::strcmp(env, name) == 0) return id;
   FAE_DECODE_VARIANTS(FAE_DECODE_VARIANT_NAME)
 #undef FAE_DECODE_VARIANT_NAME
   throw std::invalid_argument(std::string("flashattn_ext: FAE_DECODE_VARIANT='") + env +
-                              "' is not a decode variant; one of cp_4w3s, cp_2w4s, bulk_4w3s, bulk_2w4s, bulk_2w6s");
+                              "' is not a decode variant (csrc/kernels/decode/decode_launch.cuh lists them: "
+                              "flashattn_ext.kvcache.DECODE_VARIANTS)");
 }
 
 // Whether the code of `Kernel` that runs on this process's GPUs was compiled for sm_90 or later, i.e. holds the
@@ -58,12 +62,14 @@ bool compiled_for_sm90() {
 template <typename T, int kHeadDim, typename F>
 void decode_variant_switch(F&& f) {
   switch (decode_variant_from_env()) {
-#define FAE_DECODE_VARIANT_CASE(id, name, warps, stages, bulk)                                                 \
-  case id: {                                                                                                   \
-    using Bulk = DecodeTraits<T, kHeadDim, warps, stages, bulk>;                                               \
-    if (bulk && !compiled_for_sm90<decode_split_kernel<Bulk>>()) f(DecodeTraits<T, kHeadDim, warps, stages, false>{}); \
-    else f(Bulk{});                                                                                            \
-    return;                                                                                                    \
+#define FAE_DECODE_VARIANT_CASE(id, name, warps, stages, bulk, prefetch)                            \
+  case id: {                                                                                       \
+    using Chosen = DecodeTraits<T, kHeadDim, warps, stages, bulk, prefetch>;                       \
+    if (bulk && !compiled_for_sm90<decode_split_kernel<Chosen>>())                                 \
+      f(DecodeTraits<T, kHeadDim, warps, stages, false, prefetch>{});                              \
+    else                                                                                           \
+      f(Chosen{});                                                                                 \
+    return;                                                                                        \
   }
     FAE_DECODE_VARIANTS(FAE_DECODE_VARIANT_CASE)
 #undef FAE_DECODE_VARIANT_CASE

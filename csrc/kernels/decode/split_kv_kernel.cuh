@@ -118,6 +118,24 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
       cp_async_commit();
     }
   };
+  // L2 prefetch (kPrefetch > 0): thread tid asks for row tid % kBlockN of K (tid < kBlockN) or V of a tile
+  // kPrefetch tiles beyond the ring's newest; its page is read one iteration ahead, like the ring's.
+  const int pf_row = tid % kBlockN;
+  const bool pf_v = tid >= kBlockN;
+  auto fetch_pf_page = [&](int tile) {
+    const int pos = tile * kBlockN + pf_row;
+    return tile < tile_end && pos < seqlen_k ? kvcache_physical_page(p, b, pages.page_of(pos)) : -1;
+  };
+  auto prefetch_tile = [&](int tile, int page) {
+    if (page >= 0) {
+      const int pos = tile * kBlockN + pf_row;
+      const int row = pages.row_of(pos, pages.page_of(pos));
+      l2_prefetch(pf_v ? v_base + page * p.v_page_stride + row * p.v_row_stride
+                       : k_base + page * p.k_page_stride + row * p.k_row_stride,
+                  Tr::kRowBytes);
+    }
+  };
+
   // Until tile j (in ring stage j % kStages) has landed, for this thread (cp.async: one group per tile, the
   // kStages - 1 younger ones may still be in flight) or for all (bulk).
   auto wait_tile = [&](int j) {
@@ -155,6 +173,7 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
 #endif
   }
   int page_next[Tr::kRowsPerThread];  // pages of the next tile to copy
+  [[maybe_unused]] int page_pf = -1;   // page of this thread's row of the next tile to prefetch into L2
   if (n_tiles > 0) {
     // Q rows of the block (zero-filled past the end), then the first kStages tiles: the whole ring.
     for (int ch = tid; ch < kBlockM * kCPR; ch += Tr::kThreads) {
@@ -175,6 +194,14 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
       for (int s = 0; s < kStages; ++s) load_tile(s, tile_begin + s, first[s]);
     }
     fetch_pages(tile_begin + kStages, page_next);
+    if constexpr (Tr::kPrefetch > 0) {
+      int pf_first[Tr::kPrefetch];
+#pragma unroll
+      for (int t = 0; t < Tr::kPrefetch; ++t) pf_first[t] = fetch_pf_page(tile_begin + kStages + t);
+#pragma unroll
+      for (int t = 0; t < Tr::kPrefetch; ++t) prefetch_tile(tile_begin + kStages + t, pf_first[t]);
+      page_pf = fetch_pf_page(tile_begin + kStages + Tr::kPrefetch);
+    }
     if constexpr (Tr::kBulk) cp_async_wait<0>();  // the Q group (the only cp.async group)
     else cp_async_wait<kStages>();                // the Q group (oldest) has landed
     __syncthreads();
@@ -263,6 +290,10 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
     __syncthreads();
     load_tile(stage, tile + kStages, page_next);
     fetch_pages(tile + kStages + 1, page_next);
+    if constexpr (Tr::kPrefetch > 0) {
+      prefetch_tile(tile + kStages + Tr::kPrefetch, page_pf);
+      page_pf = fetch_pf_page(tile + kStages + Tr::kPrefetch + 1);
+    }
   }
   if constexpr (!Tr::kBulk) cp_async_wait<0>();  // (bulk: every copy issued was waited for in the loop)
   __syncthreads();  // the ring is free: reuse it to merge the warps' partial results
