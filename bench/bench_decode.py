@@ -25,8 +25,8 @@ bottom-right path needs).
 
 Variants (--variants): the split kernel is built in several shapes (flashattn_ext.kvcache.DECODE_VARIANTS; the
 op reads FAE_DECODE_VARIANT on every call). The main table is whatever FAE_DECODE_VARIANT says (unset: the
-default); each variant named here adds public@NAME (eager, as above) and raw_graph@NAME columns and a second
-table of TB/s and cuDNN ratios per variant, all in the same run. --splits N adds raw_graph@sN: the raw op in a
+default); each variant named here adds public@NAME (eager, as above) and raw_graph@NAME results, printed as two
+more tables of TB/s and ratio to cuDNN per variant, all in the same run. --splits N adds raw_graph@sN: the raw op in a
 graph with num_splits = N (default variant), to check the automatic split count against fixed ones.
 
 Writes decode_results.json / .csv and decode_tbps.png into --out (default $OUT, else bench/results). Kept short:
@@ -261,6 +261,11 @@ def cell(res, name):
     return f"{x['rate']:.2f} ({x['us']:.0f})" if "rate" in x else None
 
 
+def cell_vs_cudnn(res, name):
+    x, r = res.get(name, {}), ratio(res, name, "sdpa_cudnn")
+    return f"{x['rate']:.2f} ({r:.2f}x)" if "rate" in x and r is not None else cell(res, name)
+
+
 def fmt_ratio(x):
     return None if x is None else f"{x:.2f}x"
 
@@ -272,13 +277,15 @@ def print_tables(decode, chunked):
                                 + [fmt_ratio(r["public/cudnn"]), fmt_ratio(r["public/raw_graph"]),
                                    None if r["maxdiff_vs_sdpa_flash"] is None else f"{r['maxdiff_vs_sdpa_flash']:.1e}"]
                                 for r in decode])
-    extra = sorted({m for r in decode for m in r["results"] if "@" in m},
-                   key=lambda m: (m.split("@")[0] != "public", m))
-    if extra:
-        print("\nvariants (FAE_DECODE_VARIANT) and fixed split counts, TB/s (us), and each one's ratio to cuDNN:")
-        report.print_table(["B x L", "page"] + [f"{m}" for m in extra] + [f"{m}/cudnn" for m in extra],
-                           [[f"{r['B']}x{r['L']}", str(r["page"])] + [cell(r["results"], m) for m in extra]
-                            + [fmt_ratio(ratio(r["results"], m, "sdpa_cudnn")) for m in extra] for r in decode])
+    extra = sorted({m for r in decode for m in r["results"] if "@" in m})
+    for kind, title in (("public", "the public call (eager, no workspace) per variant"),
+                        ("raw_graph", "the raw op replayed from a CUDA graph, per variant and fixed split count")):
+        cols = [m for m in extra if m.split("@")[0] == kind]
+        if cols:
+            print(f"\n{title}: TB/s (ratio to cuDNN in this run)")
+            report.print_table(["B x L", "page"] + [m.split("@")[1] for m in cols],
+                               [[f"{r['B']}x{r['L']}", str(r["page"])] + [cell_vs_cudnn(r["results"], m) for m in cols]
+                                for r in decode])
     if chunked:
         cols = OURS + ("ours_prefill_kernel", "sdpa_flash")
         print(f"\nchunked prefill into a {CHUNK_L}-token cache (page {CHUNK_PAGE}, causal), TFLOP/s (us):")
