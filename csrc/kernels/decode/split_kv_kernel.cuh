@@ -197,9 +197,9 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
     if constexpr (Tr::kPrefetch > 0) {
       int pf_first[Tr::kPrefetch];
 #pragma unroll
-      for (int t = 0; t < Tr::kPrefetch; ++t) pf_first[t] = fetch_pf_page(tile_begin + kStages + t);
+      for (int a = 0; a < Tr::kPrefetch; ++a) pf_first[a] = fetch_pf_page(tile_begin + kStages + a);
 #pragma unroll
-      for (int t = 0; t < Tr::kPrefetch; ++t) prefetch_tile(tile_begin + kStages + t, pf_first[t]);
+      for (int a = 0; a < Tr::kPrefetch; ++a) prefetch_tile(tile_begin + kStages + a, pf_first[a]);
       page_pf = fetch_pf_page(tile_begin + kStages + Tr::kPrefetch);
     }
     if constexpr (Tr::kBulk) cp_async_wait<0>();  // the Q group (the only cp.async group)
