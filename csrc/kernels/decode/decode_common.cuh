@@ -12,7 +12,7 @@
 //                          its copies, so their latency never stalls the copy issue (page size 1 reads one
 //                          entry per key); warp w takes keys [16w, 16w + 16) of each tile, computes
 //                          S = Q K^T and O += P V with mma.sync m16n8k16 and keeps its own SoftmaxState per row.
-//                          At the end the four warps' states are merged with SoftmaxState::merge (fixed order),
+//                          At the end the warps' states are merged with SoftmaxState::merge (fixed order),
 //                          then written as the final (o, lse) when num_splits == 1, else as an fp32 partial.
 //   decode_combine_kernel  merges the num_splits partials of each row (the total state with SoftmaxState::merge in
 //                          a fixed order, then the weighted sum in split order: deterministic), writes o in q's
