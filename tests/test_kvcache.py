@@ -7,6 +7,8 @@ append in the op, split counts, merge_states, CUDA graph capture and replay; the
 split-kernel variant (FAE_DECODE_VARIANT, flashattn_ext.kvcache.DECODE_VARIANTS), and a window test shows keys
 before the window are never read.
 """
+import os
+import re
 import zlib
 
 import pytest
@@ -292,8 +294,6 @@ def test_cpu_merge_states_errors():
 
 def test_decode_variant_names_match_the_kernel_list():
     # DECODE_VARIANTS (what tests and benchmarks iterate) is the X-macro list the C++ launcher switches over.
-    import os
-    import re
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "kernels", "decode",
                        "decode_launch.cuh")
     with open(src) as f:
