@@ -1,6 +1,7 @@
 """Decode benchmark: the public attention_with_kvcache as users call it, against SDPA flash and cuDNN, same run.
 
     python bench/bench_decode.py [--cases peers|quick] [--page-sizes 1 16 64 256] [--chunked-sq 128 512] [--out DIR]
+                                 [--variants all | NAME ...] [--splits N ...]
 
 Decode rows: one new token per sequence (Sq = 1), GQA Hq32/Hkv8, D128, bf16, batch x context 1x32k, 16x8k, 64x4k,
 128x2k. For each page size the same keys are copied into a paged cache whose pages are in a random order (table
@@ -21,6 +22,12 @@ Chunked-prefill rows: Sq_new = 128 and 512 new tokens appended (k_new / v_new) i
 (page 16), causal, B = 4; TFLOP/s over the visible (query, key) pairs, against flashattn_ext.attention on the
 same keys stored contiguously and SDPA flash with a bottom-right causal mask (K/V repeated to Hq heads, as its
 bottom-right path needs).
+
+Variants (--variants): the split kernel is built in several shapes (flashattn_ext.kvcache.DECODE_VARIANTS; the
+op reads FAE_DECODE_VARIANT on every call). The main table is whatever FAE_DECODE_VARIANT says (unset: the
+default); each variant named here adds public@NAME (eager, as above) and raw_graph@NAME results, printed as two
+more tables of TB/s and ratio to cuDNN per variant, all in the same run. --splits N adds raw_graph@sN: the raw op in a
+graph with num_splits = N (default variant), to check the automatic split count against fixed ones.
 
 Writes decode_results.json / .csv and decode_tbps.png into --out (default $OUT, else bench/results). Kept short:
 10 ms warm-up and 50 ms of timed reps per measurement (the whole run is well under 3 minutes on an H200).
@@ -45,6 +52,7 @@ CASES = {
 HQ, HKV, D = 32, 8, 128
 PEERS = ("sdpa_flash", "sdpa_cudnn")
 OURS = ("public", "public_ws", "public_graph", "raw", "raw_graph")
+VARIANT_ENV = "FAE_DECODE_VARIANT"
 WARMUP_MS, REP_MS = 10, 50
 CHUNK_B, CHUNK_L, CHUNK_PAGE = 4, 4096, 16
 
@@ -124,7 +132,43 @@ def ratio(res, a, b):
     return x["rate"] / y["rate"] if "rate" in x and "rate" in y else None
 
 
-def decode_rows(api, B, L, page_sizes):
+class variant_env:
+    """Sets FAE_DECODE_VARIANT for a with-block (None: leave it as it is), restoring it after."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        self.old = os.environ.get(VARIANT_ENV)
+        if self.name is not None:
+            os.environ[VARIANT_ENV] = self.name
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(VARIANT_ENV, None)
+        else:
+            os.environ[VARIANT_ENV] = self.old
+
+
+def extra_columns(api, q, kc, vc, lens, table, ws, nbytes, variants, splits):
+    """public@V and raw_graph@V per variant V, raw_graph@sN per split count N (see the module docstring)."""
+    res = {}
+    for name in variants:
+        with variant_env(name):
+            fns = our_variants(api, q, kc, vc, lens, table, ws)
+            res[f"public@{name}"] = timed(fns["public"], nbytes, 1e12)
+            res[f"raw_graph@{name}"] = timed(fns["raw_graph"], nbytes, 1e12)
+    scale = q.shape[-1] ** -0.5
+    for n in splits:
+        try:
+            fn = graphed(lambda: api.raw(q, kc, vc, lens, table, None, None, scale, -1, 0, n, ws.buffer)[0])[0]
+        except Exception as e:
+            fn = _raiser(f"capture failed: {type(e).__name__}: {e}")
+        res[f"raw_graph@s{n}"] = timed(fn, nbytes, 1e12)
+    return res
+
+
+def decode_rows(api, B, L, page_sizes, variants=(), splits=()):
     """One row per page size (and one for the contiguous cache) of the B x L decode case."""
     gen = torch.Generator(device="cuda").manual_seed(B * 100003 + L)
     q = torch.randn(B, HQ, 1, D, generator=gen, device="cuda", dtype=torch.bfloat16)
@@ -132,7 +176,7 @@ def decode_rows(api, B, L, page_sizes):
     v = torch.randn(B, HKV, L, D, generator=gen, device="cuda", dtype=torch.bfloat16)
     lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
     nbytes = decode_bytes(B, HKV, L, D)
-    ws = api.DecodeWorkspace(B, HQ, 1, D)
+    ws = api.DecodeWorkspace(B, HQ, 1, D, max_splits=max([64, *splits]))
     peer_fns = peers_fwd(q, k, v, causal=False)
     peers = {name: timed(peer_fns[name], nbytes, 1e12) for name in PEERS}
     try:
@@ -144,6 +188,7 @@ def decode_rows(api, B, L, page_sizes):
         kc, vc, table = (k, v, None) if ps is None else paged_copy(k, v, ps, gen)
         fns = our_variants(api, q, kc, vc, lens, table, ws)
         res = {name: timed(fns[name], nbytes, 1e12) for name in OURS}
+        res.update(extra_columns(api, q, kc, vc, lens, table, ws, nbytes, variants, splits))
         res.update(peers)
         diff = None if ref is None else (fns["public"]().float() - ref).abs().max().item()
         rows.append({"kind": "decode", "B": B, "L": L, "page": "contig" if ps is None else ps, "bytes": nbytes,
@@ -207,12 +252,18 @@ class Api:
         self.attention = flashattn_ext.attention
         self.raw = _ops.kvcache_fwd
         self.DecodeWorkspace = flashattn_ext.DecodeWorkspace
+        self.variants = flashattn_ext.kvcache.DECODE_VARIANTS
         self.info = flashattn_ext.build_info()
 
 
 def cell(res, name):
     x = res.get(name, {})
     return f"{x['rate']:.2f} ({x['us']:.0f})" if "rate" in x else None
+
+
+def cell_vs_cudnn(res, name):
+    x, r = res.get(name, {}), ratio(res, name, "sdpa_cudnn")
+    return f"{x['rate']:.2f} ({r:.2f}x)" if "rate" in x and r is not None else cell(res, name)
 
 
 def fmt_ratio(x):
@@ -225,6 +276,15 @@ def print_tables(decode, chunked):
     report.print_table(header, [[f"{r['B']}x{r['L']}", str(r["page"])] + [cell(r["results"], m) for m in OURS + PEERS]
                                 + [fmt_ratio(r["public/cudnn"]), fmt_ratio(r["public/raw_graph"]),
                                    None if r["maxdiff_vs_sdpa_flash"] is None else f"{r['maxdiff_vs_sdpa_flash']:.1e}"]
+                                for r in decode])
+    extra = sorted({m for r in decode for m in r["results"] if "@" in m})
+    for kind, title in (("public", "the public call (eager, no workspace) per variant"),
+                        ("raw_graph", "the raw op replayed from a CUDA graph, per variant and fixed split count")):
+        cols = [m for m in extra if m.split("@")[0] == kind]
+        if cols:
+            print(f"\n{title}: TB/s (ratio to cuDNN in this run)")
+            report.print_table(["B x L", "page"] + [m.split("@")[1] for m in cols],
+                               [[f"{r['B']}x{r['L']}", str(r["page"])] + [cell_vs_cudnn(r["results"], m) for m in cols]
                                 for r in decode])
     if chunked:
         cols = OURS + ("ours_prefill_kernel", "sdpa_flash")
@@ -262,18 +322,28 @@ def main():
     p.add_argument("--page-sizes", type=int, nargs="+", default=[1, 16, 64, 256])
     p.add_argument("--chunked-sq", type=int, nargs="*", default=[128, 512],
                    help="Sq_new of the chunked-prefill rows (none: skip them)")
+    p.add_argument("--variants", nargs="*", default=[],
+                   help="split-kernel variants to time as extra columns ('all': every built one)")
+    p.add_argument("--splits", type=int, nargs="*", default=[],
+                   help="fixed num_splits to time as extra raw_graph columns")
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results"))
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU; nothing was measured.", file=sys.stderr)
         return 2
     api = Api()
+    if args.variants == ["all"]:
+        args.variants = list(api.variants)
+    unknown = [v for v in args.variants if v not in api.variants]
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown}; built: {list(api.variants)}")
     env = report.environment()
+    env[VARIANT_ENV] = os.environ.get(VARIANT_ENV)
     print(env, "\nflashattn_ext:", api.info, flush=True)
     decode = []
     with torch.no_grad():
         for B, L in CASES[args.cases]:
-            rows = decode_rows(api, B, L, args.page_sizes)
+            rows = decode_rows(api, B, L, args.page_sizes, args.variants, args.splits)
             decode += rows
             for r in rows:
                 print(f"{B}x{L} page {r['page']}:", {m: round(x["rate"], 2) if "rate" in x else "n/a"

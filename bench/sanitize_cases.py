@@ -50,7 +50,11 @@ def main():
         print("ok", B, Hq, Hkv, Sq, Sk, D, causal, window, tr, "bwd" if has_bwd else "")
     if not ONLY or "fa2" in ONLY:  # varlen and decode run FA2-family kernels
         varlen_cases(has_bwd)
-        decode_cases()
+        for variant in flashattn_ext.kvcache.DECODE_VARIANTS:  # each split-kernel variant (FAE_DECODE_VARIANT)
+            os.environ["FAE_DECODE_VARIANT"] = variant
+            print("decode variant", variant)
+            decode_cases()
+        os.environ.pop("FAE_DECODE_VARIANT", None)
 
 
 def varlen_cases(has_bwd):

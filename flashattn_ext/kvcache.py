@@ -13,6 +13,13 @@ from ._build_config import DECODE_HEAD_DIMS
 from .reference import attention_reference, effective_window
 
 MAX_SPLITS = 256
+# Variants of the CUDA split kernel (csrc/kernels/decode/decode_launch.cuh, FAE_DECODE_VARIANTS: warps per block,
+# ring stages, cp.async gathers or one bulk copy per K/V row, tiles prefetched into L2). The environment variable
+# FAE_DECODE_VARIANT picks one per call (unset: kDefaultDecodeVariant there); benchmarks and tests use it to compare
+# and cover them.
+DECODE_VARIANTS = ("cp_4w3s", "cp_2w4s", "bulk_4w3s", "bulk_2w4s", "bulk_2w6s", "cp_4w3s_pf2", "bulk_4w3s_pf2",
+                   "bulk_2w4s_pf4")
+DECODE_VARIANT_ENV = "FAE_DECODE_VARIANT"
 
 
 def decode_head_dims():
@@ -391,4 +398,4 @@ def merge_states(o_a, lse_a, o_b, lse_b):
 
 
 __all__ = ["attention_with_kvcache", "merge_states", "DecodeWorkspace", "kvcache_reference",
-           "merge_states_reference", "gather_kv", "decode_head_dims"]
+           "merge_states_reference", "gather_kv", "decode_head_dims", "DECODE_VARIANTS", "DECODE_VARIANT_ENV"]

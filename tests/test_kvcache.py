@@ -3,8 +3,12 @@
 CPU tests: page-pool bookkeeping, validation errors (a rejected call leaves the cache bitwise unchanged), the
 reference path against attention over gathered keys. GPU tests (requires_cuda_ext): paged == contiguous ==
 reference under flash-attn's 2x rule, decode == last rows of a causal prefill, page sizes 1..256, GQA/MQA,
-append in the op, split counts, merge_states, CUDA graph capture and replay.
+append in the op, split counts, merge_states, CUDA graph capture and replay; the kernel-shape tests run once per
+split-kernel variant (FAE_DECODE_VARIANT, flashattn_ext.kvcache.DECODE_VARIANTS), and a window test shows keys
+before the window are never read.
 """
+import os
+import re
 import zlib
 
 import pytest
@@ -12,7 +16,8 @@ import torch
 
 import flashattn_ext
 from flashattn_ext import DecodeWorkspace, PagedKVCache, attention_with_kvcache, merge_states
-from flashattn_ext.kvcache import append_reference, gather_kv, merge_states_reference
+from flashattn_ext.kvcache import (DECODE_VARIANT_ENV, DECODE_VARIANTS, append_reference, gather_kv,
+                                   merge_states_reference)
 from flashattn_ext.reference import attention_reference
 from flashattn_ext.testing import lse_check, max_abs_err, two_x_rule
 
@@ -287,6 +292,15 @@ def test_cpu_merge_states_errors():
         merge_states(o.to(torch.int32), lse, o.to(torch.int32), lse)
 
 
+def test_decode_variant_names_match_the_kernel_list():
+    # DECODE_VARIANTS (what tests and benchmarks iterate) is the X-macro list the C++ launcher switches over.
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "kernels", "decode",
+                       "decode_launch.cuh")
+    with open(src) as f:
+        names = tuple(re.findall(r'^\s*X\(\d+, "([a-z0-9_]+)"', f.read(), flags=re.M))
+    assert names == DECODE_VARIANTS
+
+
 @pytest.mark.requires_ext
 def test_kvcache_ops_fake_impls():
     if not flashattn_ext._ops.HAS_KVCACHE_OP:
@@ -316,6 +330,13 @@ def need_dim(D):
         pytest.skip(f"decode head dim {D} not compiled (have {decode_dims()})")
 
 
+@pytest.fixture(params=DECODE_VARIANTS)
+def variant(request, monkeypatch):
+    """Runs the test once per split-kernel variant (the op reads FAE_DECODE_VARIANT on every call)."""
+    monkeypatch.setenv(DECODE_VARIANT_ENV, request.param)
+    return request.param
+
+
 def run_case(B, Hq, Hkv, Sq, D, lens, page_size, dtype, num_splits=0, causal=True, window=(-1, -1), shuffle=True):
     need_dim(D)
     seed = seed_of(B, Hq, Hkv, Sq, D, lens, page_size, dtype, num_splits, causal, window)
@@ -337,9 +358,9 @@ def run_case(B, Hq, Hkv, Sq, D, lens, page_size, dtype, num_splits=0, causal=Tru
 
 
 @cuda
-@pytest.mark.parametrize("page_size", [1, 16, 64, 256])
+@pytest.mark.parametrize("page_size", [1, 3, 16, 64, 256])
 @pytest.mark.parametrize("L", [1, 17, 1000, 4097])
-def test_gpu_page_sizes_and_lengths(page_size, L):
+def test_gpu_page_sizes_and_lengths(page_size, L, variant):
     run_case(2, 16, 4, 1, 128, [L - 1, max(0, L // 3 - 1)], page_size, BF16)
 
 
@@ -347,22 +368,110 @@ def test_gpu_page_sizes_and_lengths(page_size, L):
 @pytest.mark.parametrize("Hq,Hkv", [(8, 8), (8, 2), (16, 2), (8, 1)], ids=["mha", "gqa4", "gqa8", "mqa"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [FP16, BF16], ids=["fp16", "bf16"])
-def test_gpu_gqa_dims_dtypes(Hq, Hkv, D, dtype):
+def test_gpu_gqa_dims_dtypes(Hq, Hkv, D, dtype, variant):
     run_case(3, Hq, Hkv, 1, D, [999, 0, 300], 16, dtype)
 
 
 @cuda
 @pytest.mark.parametrize("Sq", [2, 7, 37])
 @pytest.mark.parametrize("Hq,Hkv", [(8, 8), (8, 1)])
-def test_gpu_chunked_prefill(Sq, Hq, Hkv):
+def test_gpu_chunked_prefill(Sq, Hq, Hkv, variant):
     # Sq * group > 16 packed rows: several query blocks per (batch, kv head)
     run_case(2, Hq, Hkv, Sq, 128 if 128 in decode_dims() else 64, [500, 63], 16, BF16)
 
 
 @cuda
 @pytest.mark.parametrize("causal,window", [(True, (100, -1)), (False, (-1, -1)), (False, (50, 3)), (True, (0, -1))])
-def test_gpu_windows(causal, window):
+def test_gpu_windows(causal, window, variant):
     run_case(2, 8, 2, 5, 128 if 128 in decode_dims() else 64, [700, 40], 16, BF16, causal=causal, window=window)
+
+
+@cuda
+@pytest.mark.parametrize("num_splits", [0, 5])
+def test_gpu_window_reads_only_keys_inside(num_splits, variant):
+    # Keys before a sliding window are never loaded: with every cached key more than a tile (<= 128 keys) before
+    # the window's first key turned to NaN, the output is bitwise the same as with the clean cache. (A kernel that
+    # read them would turn the output NaN: a masked key's probability is 0, and 0 * NaN is NaN.)
+    D = 128 if 128 in decode_dims() else decode_dims()[-1]
+    lens, left, ps = [5000, 3000], 300, 16
+    c = make_case(2, 8, 2, 1, D, lens, ps, BF16, DEV, seed_of("window-reads", num_splits))
+    call = lambda kp, vp, kc, vc: [attention_with_kvcache(c["q"], k, v, c["lens"], t, c["k_new"], c["v_new"],
+                                                          window=(left, 0), num_splits=num_splits, return_lse=True)
+                                   for k, v, t in ((kp, vp, c["table"]), (kc, vc, None))]
+    clean_bufs = [c[n].clone() for n in ("k_pages", "v_pages", "k_cont", "v_cont")]
+    with torch.no_grad():
+        clean = call(*clean_bufs)  # appends the new token into these copies
+    totals = [n + 1 for n in lens]
+    check_rows(*clean[0], c["q"], clean_bufs[0], clean_bufs[1], c["table"], totals, window=(left, 0))
+    kp, vp, kc, vc = (c[n].clone() for n in ("k_pages", "v_pages", "k_cont", "v_cont"))
+    for b, total in enumerate(totals):
+        first = (total - 1 - left) // 128 * 128  # the window's first key, rounded down to a whole tile
+        pos = torch.arange(first, device=DEV)
+        pages = c["table"][b].long()[pos // ps]
+        for t in (kp, vp):
+            t[pages, pos % ps] = float("nan")
+        for t in (kc, vc):
+            t[b, :, :first] = float("nan")
+    with torch.no_grad():
+        poisoned = call(kp, vp, kc, vc)
+    for (o, l), (o_ref, l_ref) in zip(poisoned, clean):
+        assert torch.equal(o, o_ref) and torch.equal(l, l_ref)
+
+
+@cuda
+@pytest.mark.parametrize("page_size", [1, 256])
+def test_gpu_one_long_sequence_split_counts(page_size, variant):
+    # The shape the split heuristic spreads over the whole GPU (one sequence, GQA 32/8): automatic, one full wave
+    # on 2 or 3 blocks per SM, and the 64-split limit all agree with one split under the 2x rule.
+    D = 128 if 128 in decode_dims() else decode_dims()[-1]
+    c = make_case(1, 32, 8, 1, D, [9000], page_size, BF16, DEV, seed_of("long", page_size))
+    outs = {}
+    for splits in (1, 0, 32, 48, 64):
+        with torch.no_grad():
+            outs[splits] = attention_with_kvcache(c["q"], c["k_pages"], c["v_pages"], c["lens"], c["table"],
+                                                  num_splits=splits, return_lse=True)
+        bound = check_rows(*outs[splits], c["q"], c["k_pages"], c["v_pages"], c["table"], [9000])
+        assert max_abs_err(outs[splits][0], outs[1][0]) <= 2 * bound
+        assert max_abs_err(outs[splits][1], outs[1][1]) <= 1e-3
+
+
+@cuda
+def test_gpu_combine_launch_modes_agree(variant, monkeypatch):
+    # The combine kernel launched as a programmatic dependent of the split kernel (default on sm_90) and in plain
+    # stream order (FAE_DECODE_PDL=0): bitwise the same output, eager and replayed from a CUDA graph.
+    D = decode_dims()[-1]
+    c = make_case(2, 32, 8, 1, D, [6000, 77], 16, BF16, DEV, seed_of("pdl", variant))
+    ws = DecodeWorkspace(2, 32, 1, D)
+    outs = []
+    for pdl in ("1", "0"):
+        monkeypatch.setenv("FAE_DECODE_PDL", pdl)
+        step = lambda: attention_with_kvcache(c["q"], c["k_pages"], c["v_pages"], c["lens"], c["table"],
+                                              num_splits=13, workspace=ws, return_lse=True)
+        with torch.no_grad():
+            eager = step()
+            graph = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                replayed = step()
+            graph.replay()
+            torch.cuda.synchronize()
+        assert torch.equal(eager[0], replayed[0]) and torch.equal(eager[1], replayed[1])
+        outs.append(eager)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    check_rows(*outs[0], c["q"], c["k_pages"], c["v_pages"], c["table"], [6000, 77])
+
+
+@cuda
+def test_gpu_unknown_variant_raises(monkeypatch):
+    D = decode_dims()[-1]
+    c = make_case(1, 8, 2, 1, D, [40], 16, BF16, DEV, 12)
+    monkeypatch.setenv(DECODE_VARIANT_ENV, "no_such_variant")
+    with pytest.raises((RuntimeError, ValueError), match="FAE_DECODE_VARIANT"):
+        attention_with_kvcache(c["q"], c["k_pages"], c["v_pages"], c["lens"], c["table"])
 
 
 @cuda
@@ -372,7 +481,7 @@ def test_gpu_sequential_pages():
 
 @cuda
 @pytest.mark.parametrize("D", [64, 128])
-def test_gpu_num_splits_agree(D):
+def test_gpu_num_splits_agree(D, variant):
     need_dim(D)
     c = make_case(2, 16, 2, 1, D, [4096, 2000], 64, BF16, DEV, seed_of("splits", D))
     outs = {}
@@ -477,7 +586,7 @@ def test_gpu_rejected_call_leaves_cache_unchanged():
 
 
 @cuda
-def test_gpu_garbage_values_are_clamped():
+def test_gpu_garbage_values_are_clamped(variant):
     # Without check_values nothing reads lengths or tables on the host: the kernels clamp them. Negative and
     # over-capacity lengths, page indices out of range: no fault, finite output, and no write outside the pages
     # the table names (the spare pages of make_case are named by no entry).
@@ -535,7 +644,7 @@ def test_gpu_merge_states(dtype):
 
 
 @cuda
-def test_gpu_cuda_graph_capture_and_replay():
+def test_gpu_cuda_graph_capture_and_replay(variant):
     D = decode_dims()[-1]
     B, Hq, Hkv, ps, max_pages = 4, 16, 4, 16, 40
     cache = PagedKVCache(B * max_pages, ps, Hkv, D, dtype=BF16, device=DEV)

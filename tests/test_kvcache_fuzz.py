@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from flashattn_ext import attention_with_kvcache
-from flashattn_ext.kvcache import decode_head_dims, kvcache_reference
+from flashattn_ext.kvcache import DECODE_VARIANT_ENV, DECODE_VARIANTS, decode_head_dims, kvcache_reference
 from flashattn_ext.testing import OUT_FLOOR, lse_check, max_abs_err
 
 FAST_CASES = 50
@@ -33,7 +33,7 @@ def draw(seed, device):
     append = rnd.random() < 0.6
     extra = Sq if append else 0
     want = max(rnd.choice([1, 16, 17, 97, 256, 1025, 4097]), extra, 1)
-    page_size = rnd.choice([1, 2, 16, 64, 256]) if paged else None
+    page_size = rnd.choice([1, 2, 16, 17, 64, 256]) if paged else None  # 17: the non-power-of-two page split
     if paged:
         while want // page_size > 4200:  # page size 1 at 4k: ~4k pages per sequence is plenty
             want //= 2
@@ -124,7 +124,7 @@ def run_case(seed, device):
     lowp, _ = kvcache_reference(q.to(dt), lp_k, lp_v, lens, k_new=new(k_new.to(dt)), v_new=new(v_new.to(dt)),
                                 upcast=False, **kw)
     out, lse = out.cpu(), lse.cpu()
-    where = f"seed {seed} {c}"
+    where = f"seed {seed} {c} {DECODE_VARIANT_ENV}={os.environ.get(DECODE_VARIANT_ENV)}"
     assert not torch.isnan(out).any() and not torch.isnan(lse).any(), f"{where}: NaN in out or lse"
     for b in range(c["B"]):  # the 2x rule per sequence: a short sequence is not judged by a long one's bound
         err, bound = max_abs_err(out[b], ref[b]), 2 * max_abs_err(lowp[b], ref[b]) + OUT_FLOOR
@@ -144,12 +144,14 @@ def test_kvcache_fuzz_cpu_reference_path(seed):
 
 @pytest.mark.requires_cuda_ext
 @pytest.mark.parametrize("seed", range(FAST_CASES))
-def test_kvcache_fuzz_fast(seed):
+def test_kvcache_fuzz_fast(seed, monkeypatch):
+    monkeypatch.setenv(DECODE_VARIANT_ENV, DECODE_VARIANTS[seed % len(DECODE_VARIANTS)])  # each variant in turn
     run_case(seed, "cuda")
 
 
 @pytest.mark.slow
 @pytest.mark.requires_cuda_ext
 @pytest.mark.parametrize("seed", range(20_000, 20_000 + SLOW_CASES))
-def test_kvcache_fuzz_slow(seed):
+def test_kvcache_fuzz_slow(seed, monkeypatch):
+    monkeypatch.setenv(DECODE_VARIANT_ENV, DECODE_VARIANTS[seed % len(DECODE_VARIANTS)])
     run_case(seed, "cuda")

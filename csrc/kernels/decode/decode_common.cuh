@@ -6,13 +6,17 @@
 //   decode_split_kernel    one block per (split, batch, kv head, block of 16 packed query rows). GQA packing: the
 //                          block's rows are the (query row, head) pairs of ALL Hq/Hkv query heads of its kv head,
 //                          so each K/V row is loaded once for the whole group. The block walks its split's chunk
-//                          of the keys in 64-key tiles fetched through the block table with 16-byte cp.async into
-//                          a 3-stage shared-memory ring; warp w takes keys [16w, 16w + 16) of each tile, computes
+//                          of the keys in tiles of kWarps * 16 keys fetched through the block table (16-byte
+//                          cp.async gathers, or one bulk copy per row: DecodeTraits) into a kStages-deep
+//                          shared-memory ring; the block table entries of a tile are read one tile ahead of
+//                          its copies, so their latency never stalls the copy issue (page size 1 reads one
+//                          entry per key); warp w takes keys [16w, 16w + 16) of each tile, computes
 //                          S = Q K^T and O += P V with mma.sync m16n8k16 and keeps its own SoftmaxState per row.
-//                          At the end the four warps' states are merged with SoftmaxState::merge (fixed order),
+//                          At the end the warps' states are merged with SoftmaxState::merge (fixed order),
 //                          then written as the final (o, lse) when num_splits == 1, else as an fp32 partial.
-//   decode_combine_kernel  merges the num_splits partials of each row in split order (SoftmaxState::merge:
-//                          deterministic), writes o in q's dtype and lse.
+//   decode_combine_kernel  merges the num_splits partials of each row (the total state with SoftmaxState::merge in
+//                          a fixed order, then the weighted sum in split order: deterministic), writes o in q's
+//                          dtype and lse. Launched as a programmatic dependent of the split kernel on sm_90.
 //
 // The number of keys of batch b, cache_seqlens[b] + seqlen_new, is read on the device: no host sync, so a
 // decode step can be captured in a CUDA graph and replayed with new lengths. Every value is clamped here, so no
@@ -29,30 +33,77 @@
 
 namespace fae {
 
-template <typename T_, int kHeadDim_>
+// The split kernel's shape and its speed knobs (all compile-time; decode_launch.cuh lists the variants built):
+//   kWarps   warps per block; each warp takes 16 keys of a tile, so a tile is kWarps * 16 keys.
+//   kStages  tiles in the shared-memory ring (kStages - 1 in flight while one is computed).
+//   kBulk    false: each thread gathers 16-byte chunks with cp.async (any arch >= sm_80).
+//            true:  each thread copies one whole K or V row (kHeadDim * 2 bytes) with a 1-D bulk copy
+//                   (cp.async.bulk, sm_90) completing on the stage's mbarrier: one instruction per row instead
+//                   of kHeadDim / 8, and the bytes in flight are tracked by the copy engine, not the LSU.
+//   kPrefetch  tiles beyond the ring whose rows are prefetched into L2 only (no shared memory): more bytes in
+//              flight per SM than the ring holds, and the ring's own copies then hit L2. 0: none.
+template <typename T_, int kHeadDim_, int kWarps_ = 4, int kStages_ = 3, bool kBulk_ = false, int kPrefetch_ = 0>
 struct DecodeTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = kWarps_;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockM = 16;               // packed query rows per block: one mma m-tile
   static constexpr int kWarpN = 16;                // keys per warp per tile
   static constexpr int kBlockN = kWarps * kWarpN;  // keys per tile
-  static constexpr int kStages = 3;                // tiles in the shared-memory ring (2 in flight while computing)
+  static constexpr int kStages = kStages_;
+  static constexpr bool kBulk = kBulk_;
+  static constexpr int kPrefetch = kPrefetch_;
   static constexpr int kDTiles = kHeadDim / 8;
   using QTile = SmemTile<kBlockM, kHeadDim>;
   using KVTile = SmemTile<kBlockN, kHeadDim>;
   static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks per row
-  static constexpr int kRowStep = kThreads / kChunksPerRow;
-  static constexpr int kRowsPerThread = kBlockN / kRowStep;  // K/V rows each thread copies per tile
+  // cp.async: thread tid copies chunk tid % kChunksPerRow of kRowsPerThread rows, kRowStep apart, of K and V.
+  // bulk: thread tid copies row tid % kBlockN of K (tid < kBlockN) or V (kThreads == 2 * kBlockN).
+  static constexpr int kRowStep = kBulk ? kBlockN : kThreads / kChunksPerRow;
+  static constexpr int kRowsPerThread = kBulk ? 1 : kBlockN / kRowStep;
+  static constexpr int kRowBytes = kHeadDim * 2;
   // Epilogue: each warp's unnormalised O (fp32) and (m, l) per row, staged over the K/V ring.
   static constexpr int kOPitch = kHeadDim + 8;
   static constexpr int kEpilogueBytes = kWarps * kBlockM * kOPitch * 4 + 2 * kWarps * kBlockM * 4;
   static constexpr int kRingBytes = 2 * kStages * KVTile::kBytes;
-  static constexpr int kSmemBytes = QTile::kBytes + (kRingBytes > kEpilogueBytes ? kRingBytes : kEpilogueBytes);
+  // Shared memory: [one mbarrier per stage (bulk only), padded to 16 bytes][Q tile][K/V ring | epilogue].
+  static constexpr int kBarBytes = kBulk ? (kStages * 8 + 15) / 16 * 16 : 0;
+  static constexpr int kSmemBytes =
+      kBarBytes + QTile::kBytes + (kRingBytes > kEpilogueBytes ? kRingBytes : kEpilogueBytes);
   static_assert(kHeadDim % 16 == 0 && kThreads % kChunksPerRow == 0 && kBlockN % kRowStep == 0, "tile shape");
+  static_assert(kThreads == 2 * kBlockN, "bulk copies and L2 prefetches: one K or V row per thread");
+  static_assert(kStages >= 2, "the ring needs a stage in flight while one is computed");
   static_assert(QTile::kBytes % 16 == 0, "epilogue staging must stay 16-byte aligned");
 };
+
+// pos -> (logical page, row in page) without an integer division when the page size is a power of two (every
+// common size) or the cache is contiguous (one page per sequence): a shift and a mask, uniform over the block.
+struct PageSplitter {
+  int size, shift, mask;  // shift < 0: a paged cache whose page size is not a power of two: divide
+  __device__ __forceinline__ PageSplitter(int page_size, bool contiguous) : size(page_size) {
+    if (contiguous) {  // 0 <= pos < 2^31: page 0, row pos
+      shift = 31;
+      mask = 0x7fffffff;
+    } else {
+      shift = (page_size & (page_size - 1)) == 0 ? __ffs(page_size) - 1 : -1;
+      mask = page_size - 1;
+    }
+  }
+  __device__ __forceinline__ int page_of(int pos) const { return shift >= 0 ? pos >> shift : pos / size; }
+  __device__ __forceinline__ int row_of(int pos, int lp) const { return shift >= 0 ? pos & mask : pos - lp * size; }
+};
+
+// Asks L2 to fetch `bytes` (a multiple of 16, 16-byte aligned) from global memory; nothing comes back to the
+// SM. sm_90: one bulk prefetch; older: one prefetch per 128-byte line.
+__device__ __forceinline__ void l2_prefetch(const void* src, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+#else
+  for (int off = 0; off < bytes; off += 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(src) + off));
+#endif
+}
 
 // Keys seen by batch b: cache_seqlens[b] + seqlen_new, clamped to [0, capacity] so a bad length can never send
 // a load or store outside the cache.
@@ -63,14 +114,20 @@ __device__ __forceinline__ int kvcache_seqlen_k(const KvCacheParams& p, int b) {
   return static_cast<int>(len);
 }
 
+// Physical page of logical page lp of batch b (0 <= lp < max_pages), or -1 when the block table entry is out of
+// range; for a contiguous cache, batch b's own "page".
+__device__ __forceinline__ int kvcache_physical_page(const KvCacheParams& p, int b, int lp) {
+  if (p.block_table == nullptr) return b;
+  const int page = __ldg(p.block_table + b * p.block_table_stride + lp);
+  return (page >= 0 && page < p.num_pages) ? page : -1;
+}
+
 // Physical page of key position pos (0 <= pos < capacity) of batch b, or -1 when the block table entry is out
 // of range. row receives pos % page_size.
 __device__ __forceinline__ int kvcache_page(const KvCacheParams& p, int b, int pos, int& row) {
   const int lp = pos / p.page_size;
   row = pos - lp * p.page_size;
-  if (p.block_table == nullptr) return b;
-  const int page = __ldg(p.block_table + b * p.block_table_stride + lp);
-  return (page >= 0 && page < p.num_pages) ? page : -1;
+  return kvcache_physical_page(p, b, lp);
 }
 
 }  // namespace fae

@@ -2,6 +2,8 @@
 // decode_common.cuh for the three decode kernels and their order).
 #pragma once
 #include "decode_common.cuh"
+#include "../../sm90/ptx.h"
+#include "../../sm90/ptx_bwd.h"
 
 namespace fae {
 
@@ -15,11 +17,18 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
   using KVTile = typename Tr::KVTile;
 
   extern __shared__ __align__(16) char smem[];
-  const uint32_t sQ = smem_addr(smem);
+  [[maybe_unused]] uint64_t* bars = reinterpret_cast<uint64_t*>(smem);  // bulk: one mbarrier per ring stage
+  const uint32_t sQbase = smem_addr(smem);
+  const uint32_t sQ = sQbase + Tr::kBarBytes;
   const uint32_t sRing = sQ + QTile::kBytes;  // stage s: K at sRing + 2*s*KV, V right after it
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The combine kernel may be scheduled once every block of this grid has started (it waits for this grid's
+  // completion itself, griddepcontrol.wait): its launch overlaps our last wave. No effect without a dependent.
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
 
   // Flat grid: split fastest, then m-block, then (batch, kv head).
   const int split = blockIdx.x % p.num_splits;
@@ -47,26 +56,96 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
 
   const T* k_base = static_cast<const T*>(p.k_cache) + hk * p.k_head_stride;
   const T* v_base = static_cast<const T*>(p.v_cache) + hk * p.v_head_stride;
+  const PageSplitter pages(p.page_size, p.block_table == nullptr);
 
-  // K and V rows of tile `tile` into ring stage `stage`; one commit group per tile (possibly empty).
-  auto load_tile = [&](int stage, int tile) {
-    if (tile < tile_end) {
-      const uint32_t sK = sRing + 2 * stage * KVTile::kBytes, sV = sK + KVTile::kBytes;
-      const int r0 = tid / kCPR, c = (tid % kCPR) * 8;
+  // This thread's rows of a tile: tile * kBlockN + r0 + it * kRowStep. cp.async: chunk column c of K and V;
+  // bulk: the whole row, of K (tid < kBlockN) or V.
+  const int r0 = Tr::kBulk ? tid % kBlockN : tid / kCPR;
+  const int c = Tr::kBulk ? 0 : (tid % kCPR) * 8;
+  // Physical page of each of this thread's rows of one tile (-1: zero-fill: past the keys, past the split or a
+  // bad table entry), read one tile before the copies that use it.
+  auto fetch_pages = [&](int tile, int (&page)[Tr::kRowsPerThread]) {
 #pragma unroll
-      for (int it = 0; it < Tr::kRowsPerThread; ++it) {
-        const int r = r0 + it * Tr::kRowStep;
-        const int pos = tile * kBlockN + r;
-        int row = 0, page = -1;
-        if (pos < seqlen_k) page = kvcache_page(p, b, pos, row);
-        const bool valid = page >= 0;
-        const T* ksrc = valid ? k_base + page * p.k_page_stride + row * p.k_row_stride + c : k_base;
-        const T* vsrc = valid ? v_base + page * p.v_page_stride + row * p.v_row_stride + c : v_base;
-        cp_async_16(KVTile::addr(sK, r, c), ksrc, valid);  // invalid rows are zero-filled
-        cp_async_16(KVTile::addr(sV, r, c), vsrc, valid);
-      }
+    for (int it = 0; it < Tr::kRowsPerThread; ++it) {
+      const int pos = tile * kBlockN + r0 + it * Tr::kRowStep;
+      page[it] = tile < tile_end && pos < seqlen_k ? kvcache_physical_page(p, b, pages.page_of(pos)) : -1;
     }
-    cp_async_commit();
+  };
+
+  // Copies of tile `tile` (pages from fetch_pages) into ring stage `stage`. cp.async: one commit group per call
+  // (empty past the split), waited with cp_async_wait. bulk: each thread arrives once on the stage's mbarrier
+  // (with its row's bytes, or after zero-filling its row), nothing past the split.
+  auto load_tile = [&](int stage, int tile, const int (&page)[Tr::kRowsPerThread]) {
+    const uint32_t sK = sRing + 2 * stage * KVTile::kBytes, sV = sK + KVTile::kBytes;
+    if constexpr (Tr::kBulk) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      if (tile < tile_end) {
+        const bool is_v = tid >= kBlockN;
+        const int pos = tile * kBlockN + r0;
+        const uint32_t dst = KVTile::addr(is_v ? sV : sK, r0, 0);
+        uint64_t* bar = bars + stage;
+        if (page[0] >= 0) {
+          const int row = pages.row_of(pos, pages.page_of(pos));
+          const T* src = is_v ? v_base + page[0] * p.v_page_stride + row * p.v_row_stride
+                              : k_base + page[0] * p.k_page_stride + row * p.k_row_stride;
+          sm90::mbar_arrive_expect_tx(bar, Tr::kRowBytes);
+          sm90::bulk_load(smem + (dst - sQbase), src, Tr::kRowBytes, bar);
+        } else {
+          // Zero-fill: the row is masked, but P = 0 times a NaN left in the ring would still be NaN. The fence
+          // orders these ordinary stores before later bulk copies into the same bytes.
+#pragma unroll
+          for (int ch = 0; ch < kCPR; ++ch)
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(dst + ch * 16), "r"(0) : "memory");
+          sm90::fence_proxy_async_smem();
+          sm90::mbar_arrive(bar);
+        }
+      }
+#endif
+    } else {
+      if (tile < tile_end) {
+#pragma unroll
+        for (int it = 0; it < Tr::kRowsPerThread; ++it) {
+          const int r = r0 + it * Tr::kRowStep;
+          const int pos = tile * kBlockN + r;
+          const bool valid = page[it] >= 0;
+          const int row = pages.row_of(pos, pages.page_of(pos));
+          const T* ksrc = valid ? k_base + page[it] * p.k_page_stride + row * p.k_row_stride + c : k_base;
+          const T* vsrc = valid ? v_base + page[it] * p.v_page_stride + row * p.v_row_stride + c : v_base;
+          cp_async_16(KVTile::addr(sK, r, c), ksrc, valid);  // invalid rows are zero-filled
+          cp_async_16(KVTile::addr(sV, r, c), vsrc, valid);
+        }
+      }
+      cp_async_commit();
+    }
+  };
+  // L2 prefetch (kPrefetch > 0): thread tid asks for row tid % kBlockN of K (tid < kBlockN) or V of a tile
+  // kPrefetch tiles beyond the ring's newest; its page is read one iteration ahead, like the ring's.
+  const int pf_row = tid % kBlockN;
+  const bool pf_v = tid >= kBlockN;
+  auto fetch_pf_page = [&](int tile) {
+    const int pos = tile * kBlockN + pf_row;
+    return tile < tile_end && pos < seqlen_k ? kvcache_physical_page(p, b, pages.page_of(pos)) : -1;
+  };
+  auto prefetch_tile = [&](int tile, int page) {
+    if (page >= 0) {
+      const int pos = tile * kBlockN + pf_row;
+      const int row = pages.row_of(pos, pages.page_of(pos));
+      l2_prefetch(pf_v ? v_base + page * p.v_page_stride + row * p.v_row_stride
+                       : k_base + page * p.k_page_stride + row * p.k_row_stride,
+                  Tr::kRowBytes);
+    }
+  };
+
+  // Until tile j (in ring stage j % kStages) has landed, for this thread (cp.async: one group per tile, the
+  // kStages - 1 younger ones may still be in flight) or for all (bulk).
+  auto wait_tile = [&](int j) {
+    if constexpr (Tr::kBulk) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      sm90::mbar_wait(bars + j % kStages, (j / kStages) & 1);
+#endif
+    } else {
+      cp_async_wait<kStages - 1>();
+    }
   };
 
   // Per thread: O rows (g, g + 8) of the m-tile, for this warp's keys; their softmax states.
@@ -82,21 +161,49 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
   qi[0] = (mr0 + g) / group;
   qi[1] = (mr0 + g + 8) / group;
 
+  if constexpr (Tr::kBulk) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (tid == 0) {
+      for (int s = 0; s < kStages; ++s) sm90::mbar_init(bars + s, Tr::kThreads);
+      sm90::mbar_fence_init();
+    }
+    __syncthreads();  // the barriers are initialised before any thread arrives on them
+#else
+    __trap();  // bulk variants are launched only on sm_90 (decode_launch.cuh)
+#endif
+  }
+  int page_next[Tr::kRowsPerThread];  // pages of the next tile to copy
+  [[maybe_unused]] int page_pf = -1;   // page of this thread's row of the next tile to prefetch into L2
   if (n_tiles > 0) {
-    // Q rows of the block (zero-filled past the end), then the first kStages - 1 tiles.
+    // Q rows of the block (zero-filled past the end), then the first kStages tiles: the whole ring.
     for (int ch = tid; ch < kBlockM * kCPR; ch += Tr::kThreads) {
-      const int rr = ch / kCPR, c = (ch % kCPR) * 8;
+      const int rr = ch / kCPR, cq = (ch % kCPR) * 8;
       const int r = mr0 + rr;
       const bool valid = r < rows;
       const int i = r / group, h = hk * group + r % group;
       const T* src = seq.q_side(static_cast<const T*>(p.q), p.q_batch_stride, p.q_head_stride, p.q_row_stride, h) +
-                     i * p.q_row_stride + c;
-      cp_async_16(QTile::addr(sQ, rr, c), valid ? src : static_cast<const T*>(p.q), valid);
+                     i * p.q_row_stride + cq;
+      cp_async_16(QTile::addr(sQ, rr, cq), valid ? src : static_cast<const T*>(p.q), valid);
     }
     cp_async_commit();
+    {
+      int first[kStages][Tr::kRowsPerThread];  // every table read of the ring first: one latency, not kStages
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) load_tile(s, tile_begin + s);
-    cp_async_wait<kStages - 1>();  // the Q group has landed
+      for (int s = 0; s < kStages; ++s) fetch_pages(tile_begin + s, first[s]);
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) load_tile(s, tile_begin + s, first[s]);
+    }
+    fetch_pages(tile_begin + kStages, page_next);
+    if constexpr (Tr::kPrefetch > 0) {
+      int pf_first[Tr::kPrefetch];
+#pragma unroll
+      for (int a = 0; a < Tr::kPrefetch; ++a) pf_first[a] = fetch_pf_page(tile_begin + kStages + a);
+#pragma unroll
+      for (int a = 0; a < Tr::kPrefetch; ++a) prefetch_tile(tile_begin + kStages + a, pf_first[a]);
+      page_pf = fetch_pf_page(tile_begin + kStages + Tr::kPrefetch);
+    }
+    if constexpr (Tr::kBulk) cp_async_wait<0>();  // the Q group (the only cp.async group)
+    else cp_async_wait<kStages>();                // the Q group (oldest) has landed
     __syncthreads();
   }
   // Q stays in registers for the whole key loop: A operands of every k16 step of S = Q K^T.
@@ -109,11 +216,10 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
   int stage = 0;
   for (int j = 0; j < n_tiles; ++j, stage = stage + 1 == kStages ? 0 : stage + 1) {
     const int tile = tile_begin + j;
-    cp_async_wait<kStages - 2>();  // tile j has landed (later tiles may still be in flight)
-    // This tile is visible to all warps, and every warp is done with tile j - 1, whose stage is refilled now.
-    __syncthreads();
-    load_tile(stage == 0 ? kStages - 1 : stage - 1, tile + kStages - 1);
-
+    // Tile j has landed and is visible to every warp: the stage's mbarrier phase (bulk), or this thread's
+    // cp.async groups up to tile j's (the kStages - 1 later tiles may still be in flight) then a barrier.
+    wait_tile(j);
+    if constexpr (!Tr::kBulk) __syncthreads();
     const uint32_t sK = sRing + 2 * stage * KVTile::kBytes, sV = sK + KVTile::kBytes;
     const int wrow = warp * kWarpN;  // this warp's first key row in the tile
     float acc_s[2][4];
@@ -178,11 +284,21 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
       mma_16816<T>(acc_o[2 * dp], pf, bv[0], bv[1]);
       mma_16816<T>(acc_o[2 * dp + 1], pf, bv[2], bv[3]);
     }
+    // Every warp is done with this stage: refill it at once with tile j + kStages (pages read one iteration
+    // ago), so the whole ring is in flight while the block waits for tile j + 1; then read the pages of the
+    // tile after that under the next tile's math.
+    __syncthreads();
+    load_tile(stage, tile + kStages, page_next);
+    fetch_pages(tile + kStages + 1, page_next);
+    if constexpr (Tr::kPrefetch > 0) {
+      prefetch_tile(tile + kStages + Tr::kPrefetch, page_pf);
+      page_pf = fetch_pf_page(tile + kStages + Tr::kPrefetch + 1);
+    }
   }
-  cp_async_wait<0>();
+  if constexpr (!Tr::kBulk) cp_async_wait<0>();  // (bulk: every copy issued was waited for in the loop)
   __syncthreads();  // the ring is free: reuse it to merge the warps' partial results
 
-  float* sO = reinterpret_cast<float*>(smem + QTile::kBytes);  // [warp][row][kOPitch]
+  float* sO = reinterpret_cast<float*>(smem + Tr::kBarBytes + QTile::kBytes);  // [warp][row][kOPitch]
   float* sM = sO + kWarps * kBlockM * Tr::kOPitch;              // [warp][row]
   float* sL = sM + kWarps * kBlockM;
 #pragma unroll
