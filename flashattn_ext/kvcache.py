@@ -17,8 +17,7 @@ MAX_SPLITS = 256
 # ring stages, cp.async gathers or one bulk copy per K/V row, tiles prefetched into L2). The environment variable
 # FAE_DECODE_VARIANT picks one per call (unset: kDefaultDecodeVariant there); benchmarks and tests use it to compare
 # and cover them.
-DECODE_VARIANTS = ("cp_4w3s", "cp_2w4s", "bulk_4w3s", "bulk_2w4s", "bulk_2w6s", "cp_4w3s_pf2", "bulk_4w3s_pf2",
-                   "bulk_2w4s_pf4")
+DECODE_VARIANTS = ("bulk_4w3s", "cp_4w3s", "bulk_2w4s")
 DECODE_VARIANT_ENV = "FAE_DECODE_VARIANT"
 
 

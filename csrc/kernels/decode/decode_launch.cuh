@@ -19,16 +19,14 @@
 
 namespace fae {
 
+// Measured on the H200 (bench/NOTES.md, decode rework): bulk_4w3s beats cp_4w3s on every row (page 1: 1.8 -> 3.3
+// TB/s at B >= 16) and every other shape tried (cp_2w4s, bulk_2w6s, L2-prefetch forms: all slower, dropped to keep
+// the build small). cp_4w3s stays as the sm_80 path; bulk_2w4s (3 blocks/SM) as the runner-up to re-measure.
 //                               name              warps stages bulk L2-prefetch tiles
 #define FAE_DECODE_VARIANTS(X) \
-  X(0, "cp_4w3s", 4, 3, false, 0)        /* 64-key tiles, 16-byte cp.async gathers, 2 blocks/SM */ \
-  X(1, "cp_2w4s", 2, 4, false, 0)        /* 32-key tiles, 4 stages: 3 blocks/SM */ \
-  X(2, "bulk_4w3s", 4, 3, true, 0)       /* 64-key tiles, one 1-D bulk copy per K/V row, 2 blocks/SM */ \
-  X(3, "bulk_2w4s", 2, 4, true, 0)       /* 32-key tiles, bulk rows, 4 stages, 3 blocks/SM */ \
-  X(4, "bulk_2w6s", 2, 6, true, 0)       /* 32-key tiles, bulk rows, 6 stages, 2 blocks/SM */ \
-  X(5, "cp_4w3s_pf2", 4, 3, false, 2)    /* cp_4w3s + 2 more tiles (64 KB per block) prefetched into L2 */ \
-  X(6, "bulk_4w3s_pf2", 4, 3, true, 2)   /* bulk_4w3s + 2 tiles prefetched into L2 */ \
-  X(7, "bulk_2w4s_pf4", 2, 4, true, 4)   /* bulk_2w4s + 4 tiles (64 KB per block) prefetched into L2 */
+  X(0, "bulk_4w3s", 4, 3, true, 0)       /* 64-key tiles, one 1-D bulk copy per K/V row, 2 blocks/SM */ \
+  X(1, "cp_4w3s", 4, 3, false, 0)        /* 64-key tiles, 16-byte cp.async gathers, 2 blocks/SM */ \
+  X(2, "bulk_2w4s", 2, 4, true, 0)       /* 32-key tiles, bulk rows, 4 stages, 3 blocks/SM */
 constexpr int kDefaultDecodeVariant = 0;
 
 // The variant FAE_DECODE_VARIANT names (kDefaultDecodeVariant when unset or empty); throws on an unknown name.
