@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import flashattn_ext
-from flashattn_ext import _ops
 from flashattn_ext.testing import (BF16, DEVICE, FA3_HEAD_DIMS, FP16, GPU_FAMILIES, HAS_FA3, LSE_ATOL, OUT_FLOOR,
                                    lse_check, max_abs_err, need_family, need_head_dim, seed_of)
 from flashattn_ext.varlen import attention_varlen_reference
