@@ -1,6 +1,6 @@
 // Host side of TMA: tensor maps for (batch, head, seq, dim) tensors and packed (total_rows, head, dim) ones, with
-// any strides and a contiguous last dim. cuTensorMapEncodeTiled is a driver API; it is looked up once through the runtime's entry-point query,
-// so the extension needs no link against libcuda.
+// any strides and a contiguous last dim. cuTensorMapEncodeTiled is a driver API; it is looked up once through the
+// runtime's entry-point query, so the extension needs no link against libcuda.
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>

@@ -13,8 +13,8 @@
 #include <cuda_runtime.h>
 #include "../fa2/bwd_preprocess.cuh"
 #include "../../common/params.h"
-#include "../../common/seqlen.h"
 #include "../../sm80/ptx.h"
+#include "seq.cuh"
 
 namespace fae::fa3 {
 
@@ -22,7 +22,7 @@ namespace fae::fa3 {
 __device__ __forceinline__ int dq_frag_offset(int j, int tid) { return (128 * j + tid) * 4; }
 
 // dq = dq_accum * scale in q's dtype and layout, 8 columns per thread (two float2 pairs per 4 columns).
-template <typename Tr>
+template <typename Tr, bool kVarlen>
 __global__ void __launch_bounds__(kBwdAuxBlockThreads) fa3_bwd_convert_dq_kernel(const __grid_constant__ BwdParams p) {
   using T = typename Tr::T;
   constexpr int kD = Tr::kHeadDim, kChunks = kD / 8, kCols = Tr::kDqCols;
@@ -34,8 +34,8 @@ __global__ void __launch_bounds__(kBwdAuxBlockThreads) fa3_bwd_convert_dq_kernel
   const int64_t bh = row / p.seqlen_q;
   const int i = static_cast<int>(row % p.seqlen_q);
   const int b = static_cast<int>(bh / p.heads_q), h = static_cast<int>(bh % p.heads_q);
-  const SeqInfo seq = seq_info(p, b);
-  if (i >= seq.seqlen_q) return;
+  const SeqInfo seq = sequence<kVarlen>(p, b);
+  if (kVarlen && i >= seq.seqlen_q) return;  // rows past a shorter sequence's end
   // Row i is row rr = 16 warp + 8 r + g of its tile; columns c .. c + 7 are block j of part c / kCols, held by
   // the threads t = 0..3 of that (warp, g) as floats 2r, 2r + 1 of their group j.
   const int rr = i % 64, warp = rr / 16, r = (rr % 16) / 8, g = rr % 8;

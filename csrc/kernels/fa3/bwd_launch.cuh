@@ -95,8 +95,13 @@ void fa3_bwd_convert_dq(const BwdParams& p, cudaStream_t stream) {
   using Tr = Fa3BwdTraits<T, kHeadDim>;
   const int64_t chunks = static_cast<int64_t>(p.batch) * p.heads_q * p.seqlen_q * (kHeadDim / 8);
   const unsigned grid = grid_size((chunks + kBwdAuxBlockThreads - 1) / kBwdAuxBlockThreads, "fa3_bwd convert");
-  if constexpr (Tr::kDqBulk) fa3::fa3_bwd_convert_dq_kernel<Tr><<<grid, kBwdAuxBlockThreads, 0, stream>>>(p);
-  else fa2_bwd_convert_dq_kernel<T, kHeadDim><<<grid, kBwdAuxBlockThreads, 0, stream>>>(p);
+  if constexpr (Tr::kDqBulk) {
+    const auto kernel = p.cu_seqlens_q != nullptr ? fa3::fa3_bwd_convert_dq_kernel<Tr, true>
+                                                  : fa3::fa3_bwd_convert_dq_kernel<Tr, false>;
+    kernel<<<grid, kBwdAuxBlockThreads, 0, stream>>>(p);
+  } else {
+    fa2_bwd_convert_dq_kernel<T, kHeadDim><<<grid, kBwdAuxBlockThreads, 0, stream>>>(p);
+  }
   check_cuda(cudaGetLastError(), "fa3_bwd convert_dq launch");
 }
 

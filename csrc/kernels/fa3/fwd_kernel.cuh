@@ -422,8 +422,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       ++q_it;
     }
 
-    // Epilogue: normalise, write O (rows < the sequence's seqlen_q, one row per thread pair of stores: nothing
-    // reaches the next packed sequence) and lse. The producer is already loading the next tile.
+    // Epilogue: normalise, write O and lse row by row, rows < the sequence's seqlen_q (nothing reaches the next
+    // packed sequence). The producer is already loading the next tile.
     T* o = tl.seq.q_side(static_cast<T*>(p.o), p.o_batch_stride, p.o_head_stride, p.o_row_stride, tl.h);
     float* lse = p.lse + lse_row0(p, tl.seq, tl.h);
 #pragma unroll
