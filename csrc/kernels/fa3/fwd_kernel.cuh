@@ -257,6 +257,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;  // varlen: of the longest sequence
   const WindowMask padded_mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  if constexpr (kVarlen) {
+    // One tile per block (not persistent) and that tile past its sequence's end: the whole block leaves before
+    // any barrier (cheaper than the empty-tile path below for the many such blocks of a varlen grid).
+    if (static_cast<int>(gridDim.x) >= num_tiles) {
+      const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, blockIdx.x, num_m_blocks);
+      if (tl.m0 >= tl.seq.seqlen_q) return;
+    }
+  }
 
   if (threadIdx.x == 0) {
     mbar_init(bar_q, 1);
