@@ -71,6 +71,14 @@ def _cpu_args():
     return dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk)
 
 
+def test_cpu_takes_every_family_with_varlen():
+    # The CPU path validates `algorithm` like CUDA: fa2 and fa3 have varlen kernels (same reference result on CPU).
+    args = _cpu_args()
+    base = flashattn_ext.attention_varlen(**args, causal=True)
+    for algorithm in ("fa2", "fa3"):
+        assert torch.equal(flashattn_ext.attention_varlen(**args, causal=True, algorithm=algorithm), base)
+
+
 def _error_cases(device):
     """(name, changes to the arguments, exception, message fragment): checked by the C++ op on CUDA and by Python
     on CPU with the same messages."""
