@@ -48,8 +48,8 @@ def main():
                 out.backward(torch.randn_like(out))
         torch.cuda.synchronize()
         print("ok", B, Hq, Hkv, Sq, Sk, D, causal, window, tr, "bwd" if has_bwd else "")
-    if not ONLY or "fa2" in ONLY:  # varlen and decode run FA2-family kernels
-        varlen_cases(has_bwd)
+    varlen_cases(has_bwd)  # every family with varlen kernels (FAE_SANITIZE_ALGOS filters them)
+    if not ONLY or "fa2" in ONLY:  # decode runs FA2-family kernels
         for variant in flashattn_ext.kvcache.DECODE_VARIANTS:  # each split-kernel variant (FAE_DECODE_VARIANT)
             os.environ["FAE_DECODE_VARIANT"] = variant
             print("decode variant", variant)
@@ -58,25 +58,28 @@ def main():
 
 
 def varlen_cases(has_bwd):
-    """attention_varlen (FA2): empty and odd sequences, Sq != Sk, GQA; the per-sequence padded backward rows."""
-    dims = [d for d in (64, 128) if d in flashattn_ext.build_info()["head_dims"]]
-    if not dims:
-        return
-    seqs = [(17, 5), (0, 3), (1, 1), (130, 200), (4, 0), (97, 97)]
+    """attention_varlen on every family with varlen kernels (fa2; fa3 on Hopper): empty and odd sequences, Sq != Sk,
+    GQA, tiles that run past their sequence into the next one; the per-sequence padded backward rows."""
+    built = flashattn_ext.build_info()["head_dims"]
+    seqs = [(17, 5), (0, 3), (1, 1), (130, 200), (4, 0), (97, 97), (300, 1)]
     cu_q, cu_k = ([0] + [sum(s[i] for s in seqs[:b + 1]) for b in range(len(seqs))] for i in (0, 1))
     cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device="cuda") for c in (cu_q, cu_k))
     mq, mk = max(s[0] for s in seqs), max(s[1] for s in seqs)
-    for causal, window in ((True, (-1, -1)), (False, (9, 4))):
-        q = torch.randn(int(cu_q[-1]), 4, dims[0], device="cuda", dtype=torch.bfloat16, requires_grad=has_bwd)
-        k, v = (torch.randn(int(cu_k[-1]), 2, dims[0], device="cuda", dtype=torch.bfloat16, requires_grad=has_bwd)
-                for _ in range(2))
-        for det in (False, True):
-            out = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=causal, window=window,
-                                                 deterministic=det)
-            if has_bwd:
-                out.backward(torch.randn_like(out))
-        torch.cuda.synchronize()
-        print("ok varlen", seqs, causal, window, "bwd" if has_bwd else "")
+    dims = [d for d in (64, 128) if d in built]
+    # fa2 at one head dim (as before); fa3 at both: D128's dQ is a bulk reduce into the padded rows, D64's atomics.
+    runs = [("fa2", d) for d in dims[:1]] + [("fa3", d) for d in dims if HAS_FA3 and d in FA3_HEAD_DIMS]
+    for algorithm, D in (r for r in runs if not ONLY or r[0] in ONLY):
+        for causal, window in ((True, (-1, -1)), (False, (9, 4))):
+            q = torch.randn(int(cu_q[-1]), 4, D, device="cuda", dtype=torch.bfloat16, requires_grad=has_bwd)
+            k, v = (torch.randn(int(cu_k[-1]), 2, D, device="cuda", dtype=torch.bfloat16, requires_grad=has_bwd)
+                    for _ in range(2))
+            for det in (False, True):
+                out = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=causal, window=window,
+                                                     deterministic=det, algorithm=algorithm)
+                if has_bwd:
+                    out.backward(torch.randn_like(out))
+            torch.cuda.synchronize()
+            print("ok varlen", algorithm, D, seqs, causal, window, "bwd" if has_bwd else "")
 
 
 def decode_cases():

@@ -1,8 +1,8 @@
 """attention_varlen: packed variable-length sequences (flash-attn's ``flash_attn_varlen_func`` layout).
 
 CUDA tensors go straight to the fwd op with its optional ``cu_seqlens_q/k, max_seqlen_q/k`` arguments (checked in
-C++, csrc/host/sequences.h; the FA2 kernels follow each sequence through SeqInfo, no padding, one launch). CPU
-tensors are checked here, values of cu_seqlens included, and run the reference once per sequence.
+C++, csrc/host/sequences.h; the FA2 and Hopper (fa3) kernels follow each sequence through SeqInfo, no padding, one
+launch). CPU tensors are checked here, values of cu_seqlens included, and run the reference once per sequence.
 """
 import numbers
 
@@ -104,13 +104,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         max_seqlen_q, max_seqlen_k: ints >= the longest query / key sequence; they size the kernel grid (no host
             read of cu_seqlens on CUDA).
         causal, scale, window, deterministic, algorithm: as attention(), applied per sequence (bottom-right causal:
-            query i of a sequence with lengths (Sq, Sk) sits at key position i + Sk - Sq). algorithm: "auto" and
-            "fa2" run FA2 (on every GPU, Hopper included); "fa3" and "fa1" raise ValueError (varlen is FA2-only
-            for now).
+            query i of a sequence with lengths (Sq, Sk) sits at key position i + Sk - Sq). algorithm: as
+            attention() ("auto" is the Hopper family on sm_90 for its head dims, FA2 otherwise); "fa1" raises
+            ValueError (FA1 has no varlen kernels).
 
     Returns ``out`` (total_q, Hq, D) in q's dtype (as ``torch.empty_like(q)``), or ``(out, lse)`` with lse
     (Hq, total_q) float32, natural log, -inf for rows that see no key (their out is 0). Differentiable (out and
-    lse) on CUDA (FA2 backward) and CPU (the reference per sequence).
+    lse) on CUDA (the family's backward, as attention()) and CPU (the reference per sequence).
 
     CUDA checks everything but the values of cu_seqlens (which would need a host read): cu_seqlens_q[0] == 0,
     non-decreasing, cu_seqlens_q[-1] == total_q (same for k) and every length <= max_seqlen are the caller's
@@ -142,9 +142,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     validate.check_bool(deterministic, "deterministic")
     validate.check_window(window)
     validate.check_algorithm(algorithm)
-    if algorithm in ("fa3", "fa1"):
-        raise ValueError(f"algorithm={algorithm!r} does not support varlen (attention_varlen): varlen is FA2-only "
-                         "for now; use algorithm='auto' or 'fa2'")
+    if algorithm == "fa1":  # the C++ dispatch's message
+        raise ValueError("algorithm='fa1' does not support varlen (attention_varlen); use algorithm='auto', 'fa2' "
+                         "or 'fa3'")
     scale = validate.check_scale(scale, q.shape[-1])
     _check_cu_values(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q")
     _check_cu_values(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k")

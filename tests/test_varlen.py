@@ -1,16 +1,17 @@
 """attention_varlen: packed variable-length sequences. Oracles: a loop over sequences of attention() (metamorphic,
-bitwise on the same FA2 kernels) and the float64 reference per sequence (flash-attn's 2x / 3x rules); masks, GQA,
-Sq != Sk per sequence, empty sequences, poisoned outputs, errors, opcheck and torch.compile. CPU tests run
-everywhere; GPU tests skip without a GPU and a built extension."""
+bitwise on the same family's kernels) and the float64 reference per sequence (flash-attn's 2x / 3x rules); masks,
+GQA, Sq != Sk per sequence, empty sequences, poisoned outputs, errors, opcheck and torch.compile. Every GPU test of
+the kernels runs once per family with varlen kernels (testing.GPU_FAMILIES: fa2, and fa3 on sm_90; `-k fa3` picks
+the Hopper family's). CPU tests run everywhere; GPU tests skip without a GPU and a built extension."""
+import functools
 import math
 
 import pytest
 import torch
 
 import flashattn_ext
-from flashattn_ext import _ops
-from flashattn_ext.testing import (BF16, DEVICE, FP16, LSE_ATOL, OUT_FLOOR, lse_check, max_abs_err, need_head_dim,
-                                   seed_of)
+from flashattn_ext.testing import (BF16, DEVICE, FA3_HEAD_DIMS, FP16, GPU_FAMILIES, HAS_FA3, LSE_ATOL, OUT_FLOOR,
+                                   lse_check, max_abs_err, need_family, need_head_dim, seed_of)
 from flashattn_ext.varlen import attention_varlen_reference
 
 GRAD_FLOOR = 1e-4
@@ -70,6 +71,14 @@ def _cpu_args():
     return dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk)
 
 
+def test_cpu_takes_every_family_with_varlen():
+    # The CPU path validates `algorithm` like CUDA: fa2 and fa3 have varlen kernels (same reference result on CPU).
+    args = _cpu_args()
+    base = flashattn_ext.attention_varlen(**args, causal=True)
+    for algorithm in ("fa2", "fa3"):
+        assert torch.equal(flashattn_ext.attention_varlen(**args, causal=True, algorithm=algorithm), base)
+
+
 def _error_cases(device):
     """(name, changes to the arguments, exception, message fragment): checked by the C++ op on CUDA and by Python
     on CPU with the same messages."""
@@ -88,8 +97,7 @@ def _error_cases(device):
         ("max_seqlen negative", dict(max_seqlen_k=-1), ValueError, "max_seqlen_k must be >= 0"),
         ("max_seqlen float", dict(max_seqlen_k=7.0), TypeError, "max_seqlen_k must be an int"),
         ("q 4-D", dict(q="unsqueeze"), ValueError, "q must be 3-D"),
-        ("fa3", dict(algorithm="fa3"), ValueError, "varlen is FA2-only"),
-        ("fa1", dict(algorithm="fa1"), ValueError, "varlen is FA2-only"),
+        ("fa1", dict(algorithm="fa1"), ValueError, r"algorithm='fa1' does not support varlen"),
         ("bad algorithm", dict(algorithm="fa9"), ValueError, "algorithm must be one of"),
     ]
 
@@ -139,20 +147,26 @@ def test_meta_varlen_uses_fake_impls():
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
 
-# ---- GPU: the FA2 kernels over packed sequences ---------------------------------------------------------------
+# ---- GPU: every family's kernels over packed sequences ----------------------------------------------------------
 
 gpu = pytest.mark.requires_cuda_ext
 
 
-def _loop_of_attention(q, k, v, cu_q, cu_k, **kwargs):
-    """attention() (FA2) once per sequence on views of the packed tensors: (out, lse) packed like varlen's."""
+@pytest.fixture(params=GPU_FAMILIES)
+def family(request):
+    """The kernel family under test (algorithm=): fa2 everywhere, fa3 on sm_90 with an sm_90a build."""
+    return request.param
+
+
+def _loop_of_attention(q, k, v, cu_q, cu_k, algorithm, **kwargs):
+    """attention() once per sequence on views of the packed tensors: (out, lse) packed like varlen's."""
     out, lse = torch.empty_like(q), torch.empty(q.shape[1], q.shape[0], device=q.device)
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for b in range(len(cq) - 1):
         rq, rk = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
         o_b, lse_b = flashattn_ext.attention(*(t[r].transpose(0, 1).unsqueeze(0) for t, r in
                                                ((q, rq), (k, rk), (v, rk))),
-                                             return_lse=True, algorithm="fa2", **kwargs)
+                                             return_lse=True, algorithm=algorithm, **kwargs)
         out[rq] = o_b[0].transpose(0, 1)
         lse[:, rq] = lse_b[0]
     return out, lse
@@ -162,15 +176,18 @@ def _loop_of_attention(q, k, v, cu_q, cu_k, **kwargs):
 @pytest.mark.parametrize("mask", list(MASKS))
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [FP16, BF16])
-def test_forward_equals_loop_and_reference(dtype, D, mask):
+def test_forward_equals_loop_and_reference(family, dtype, D, mask):
     need_head_dim(D)
+    need_family(family, D)
     causal, window = MASKS[mask]
     Hq, Hkv = (4, 2) if dtype == FP16 else (3, 3)
     q, k, v, cu_q, cu_k, mq, mk = packed(SEQS_BIG, Hq, Hkv, D, dtype, DEVICE, seed_of(dtype, D, mask))
     with torch.no_grad():
         out, lse = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=causal, window=window,
-                                                  return_lse=True)
-        loop_out, loop_lse = _loop_of_attention(q, k, v, cu_q, cu_k, causal=causal, window=window)
+                                                  return_lse=True, algorithm=family)
+        # The same kernels on one padded sequence at a time: a tile past a sequence's end must neither read into
+        # its result (keys of the next sequence masked) nor write into the next sequence's rows.
+        loop_out, loop_lse = _loop_of_attention(q, k, v, cu_q, cu_k, family, causal=causal, window=window)
         assert torch.equal(out, loop_out) and torch.equal(lse, loop_lse), "varlen != a loop over sequences"
         ref, ref_lse = attention_varlen_reference(q.double(), k.double(), v.double(), cu_q, cu_k, causal,
                                                   window=window)
@@ -194,17 +211,17 @@ def _kernel(q, k, v, cu_q, cu_k, mq, mk, **kwargs):
     return flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, return_lse=True, **kwargs)
 
 
-def _reference(q, k, v, cu_q, cu_k, mq, mk, causal=False, window=(-1, -1), upcast=True, deterministic=False):
+def _reference(q, k, v, cu_q, cu_k, mq, mk, causal=False, window=(-1, -1), upcast=True):
     return attention_varlen_reference(q, k, v, cu_q, cu_k, causal, window=window, upcast=upcast)
 
 
-def _check_backward(seqs, Hq, Hkv, D, dtype, causal, window, deterministic=False):
+def _check_backward(seqs, Hq, Hkv, D, dtype, causal, window, algorithm, deterministic=False):
     q, k, v, cu_q, cu_k, mq, mk = packed(seqs, Hq, Hkv, D, dtype, DEVICE, seed_of(seqs, D, dtype, causal, window))
     g = torch.Generator().manual_seed(5)
     dout = torch.randn(q.shape, generator=g).to(DEVICE, dtype)
     dlse = torch.randn(Hq, q.shape[0], generator=g).to(DEVICE, torch.float64)
-    got = _grads(q, k, v, cu_q, cu_k, mq, mk, dout, dlse, _kernel, causal=causal, window=window,
-                 deterministic=deterministic)
+    kernel = functools.partial(_kernel, deterministic=deterministic, algorithm=algorithm)
+    got = _grads(q, k, v, cu_q, cu_k, mq, mk, dout, dlse, kernel, causal=causal, window=window)
     ref = _grads(q.double(), k.double(), v.double(), cu_q, cu_k, mq, mk, dout, dlse, _reference, causal=causal,
                  window=window)
     lowp = _grads(q, k, v, cu_q, cu_k, mq, mk, dout, dlse, _reference, causal=causal, window=window, upcast=False)
@@ -218,31 +235,45 @@ def _check_backward(seqs, Hq, Hkv, D, dtype, causal, window, deterministic=False
 @pytest.mark.parametrize("mask", ["full", "causal", "window"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [FP16, BF16])
-def test_backward_against_float64(dtype, D, mask):
+def test_backward_against_float64(family, dtype, D, mask):
     need_head_dim(D)
+    need_family(family, D)
     causal, window = MASKS[mask]
-    _check_backward(SEQS_GRAD, 4, 2, D, dtype, causal, window)
+    _check_backward(SEQS_GRAD, 4, 2, D, dtype, causal, window, family)
+
+
+@gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_causal_local_window(family, deterministic):
+    # A window and causal together, per sequence, through both dQ paths (atomics / the dQ kernel).
+    need_head_dim(128)
+    need_family(family, 128)
+    _check_backward(SEQS_GRAD, 4, 1, 128, BF16, True, (255, -1), family, deterministic=deterministic)
 
 
 @gpu
 @pytest.mark.parametrize("D", [32, 96, 256])
-def test_other_head_dims_forward_and_backward(D):
+def test_other_head_dims_forward_and_backward(family, D):
+    # fa3 at D256: the Hopper forward with the FA2 backward (as attention() pairs them).
     need_head_dim(D)
-    _check_backward(SEQS_SMALL, 4, 1, D, BF16, True, (-1, -1))
-    _check_backward(SEQS_SMALL, 2, 2, D, FP16, False, (40, 3))
+    need_family(family, D)
+    _check_backward(SEQS_SMALL, 4, 1, D, BF16, True, (-1, -1), family)
+    _check_backward(SEQS_SMALL, 2, 2, D, FP16, False, (40, 3), family)
 
 
 @gpu
-def test_deterministic_backward_is_bitwise_and_accurate():
+def test_deterministic_backward_is_bitwise_and_accurate(family):
     need_head_dim(128)
-    first = _check_backward(SEQS_SMALL, 4, 2, 128, BF16, True, (-1, -1), deterministic=True)
-    again = _check_backward(SEQS_SMALL, 4, 2, 128, BF16, True, (-1, -1), deterministic=True)
+    need_family(family, 128)
+    first = _check_backward(SEQS_SMALL, 4, 2, 128, BF16, True, (-1, -1), family, deterministic=True)
+    again = _check_backward(SEQS_SMALL, 4, 2, 128, BF16, True, (-1, -1), family, deterministic=True)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
 @gpu
-def test_outputs_fully_written_over_nan_poisoned_memory():
+def test_outputs_fully_written_over_nan_poisoned_memory(family):
     need_head_dim(128)
+    need_family(family, 128)
     q, k, v, cu_q, cu_k, mq, mk = packed(SEQS_SMALL, 4, 2, 128, BF16, DEVICE, 9)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -251,43 +282,62 @@ def test_outputs_fully_written_over_nan_poisoned_memory():
     poisoned = {poison_out.data_ptr(), poison_lse.data_ptr()}
     del poison_out, poison_lse
     with torch.no_grad():
-        out, lse = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True, return_lse=True)
+        out, lse = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True, return_lse=True,
+                                                  algorithm=family)
     assert {out.data_ptr(), lse.data_ptr()} == poisoned, "test setup: allocator did not reuse the NaN blocks"
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     # Gradients over poisoned memory too: every row of dq / dk / dv is written (zeros where nothing is seen).
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True)
-    dout = torch.randn_like(out)
-    torch.cuda.synchronize()
-    junk = [torch.full_like(t, math.nan) for t in (q, k, v, q, k, v)]
-    del junk
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
-    assert not any(torch.isnan(t).any() for t in (dq, dk, dv))
+    for deterministic in (False, True):
+        out = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True, deterministic=deterministic,
+                                             algorithm=family)
+        dout = torch.randn_like(out)
+        torch.cuda.synchronize()
+        junk = [torch.full_like(t, math.nan) for t in (q, k, v, q, k, v)]
+        del junk
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+        assert not any(torch.isnan(t).any() for t in (dq, dk, dv)), deterministic
 
 
 @gpu
-def test_empty_batches_and_empty_sides():
+def test_empty_batches_and_empty_sides(family):
     need_head_dim(64)
-    for seqs in ([], [(0, 0)], [(0, 4), (0, 9)], [(3, 0), (5, 0)]):
+    need_family(family, 64)
+    for seqs in ([], [(0, 0)], [(0, 4), (0, 9)], [(3, 0), (5, 0)], [(0, 7), (5, 0), (130, 200), (0, 0)]):
         q, k, v, cu_q, cu_k, mq, mk = packed(seqs, 2, 2, 64, FP16, DEVICE, 4)
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-        out, lse = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, return_lse=True)
+        out, lse = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, return_lse=True, algorithm=family)
         assert out.shape == q.shape and lse.shape == (2, q.shape[0])
-        assert (out == 0).all() and torch.isneginf(lse).all()
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-        assert all((g == 0).all() and g.shape == t.shape for g, t in zip((dq, dk, dv), (q, k, v)))
+        assert all(g.shape == t.shape for g, t in zip((dq, dk, dv), (q, k, v)))
+        if any(lq and lk for lq, lk in seqs):
+            continue  # the mixed batch: checked against the reference below
+        assert (out == 0).all() and torch.isneginf(lse).all()
+        assert all((g == 0).all() for g in (dq, dk, dv))
+    # The mixed batch: a sequence with both sides between empty ones, gradients against the reference.
+    _check_backward([(0, 7), (5, 0), (130, 200), (0, 0)], 2, 2, 64, FP16, False, (-1, -1), family)
+
+
+def _expected_auto_family(D):
+    """The family "auto" runs the forward of head dim D with on this GPU: the padded call's rule."""
+    return "fa3" if HAS_FA3 and D in FA3_HEAD_DIMS else "fa2"
 
 
 @gpu
-def test_auto_runs_fa2_on_every_gpu():
-    # "auto" is FA2 for varlen even on sm_90 (the Hopper family has no varlen yet): bitwise the same as "fa2".
+def test_auto_picks_the_family_of_the_padded_call():
+    # "auto" for varlen is what it is for attention(): fa3 on sm_90 (its head dims), FA2 elsewhere; bitwise the
+    # same as naming that family, forward and (deterministic) backward.
     need_head_dim(128)
+    expected = _expected_auto_family(128)
+    assert flashattn_ext.resolve_algorithm("auto", DEVICE, 128) == expected
     q, k, v, cu_q, cu_k, mq, mk = packed(SEQS_SMALL, 4, 2, 128, BF16, DEVICE, 6)
-    with torch.no_grad():
-        a = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True, return_lse=True)
-        b = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True, return_lse=True,
-                                           algorithm="fa2")
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    results = []
+    for algorithm in ("auto", expected):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out, lse = flashattn_ext.attention_varlen(*leaves, cu_q, cu_k, mq, mk, causal=True, return_lse=True,
+                                                  deterministic=True, algorithm=algorithm)
+        results.append([out, lse, *torch.autograd.grad(out, leaves, torch.ones_like(out))])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def _gpu_args():
@@ -314,19 +364,22 @@ def test_raw_op_needs_both_cu_seqlens():
 
 
 @gpu
-def test_no_host_sync_forward_and_backward():
+def test_no_host_sync_forward_and_backward(family):
     # cu_seqlens are never read on the host: the whole training step runs under sync debug mode "error".
     need_head_dim(64)
+    need_family(family, 64)
     q, k, v, cu_q, cu_k, mq, mk = packed(SEQS_SMALL, 4, 2, 64, BF16, DEVICE, 12)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True)  # warm-up outside the mode
+    # warm-up outside the mode
+    out = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True, algorithm=family)
     dout = torch.randn_like(out)
     torch.autograd.grad(out, (q, k, v), dout)
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out, lse = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True, return_lse=True)
+        out, lse = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True, return_lse=True,
+                                                  algorithm=family)
         grads = torch.autograd.grad((out, lse), (q, k, v), (dout, torch.zeros_like(lse)))
     finally:
         torch.cuda.set_sync_debug_mode(previous)
@@ -337,33 +390,36 @@ OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
 
 
 @gpu
-def test_opcheck_fwd_and_bwd():
+def test_opcheck_fwd_and_bwd(family):
     need_head_dim(64)
+    need_family(family, 64)
     q, k, v, cu_q, cu_k, mq, mk = packed(SEQS_SMALL, 4, 2, 64, FP16, DEVICE, 8)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     for window, det in [((-1, -1), True), ((-1, 0), False), ((16, 4), False)]:
         result = torch.library.opcheck(torch.ops.flashattn_ext.fwd.default,
-                                       (q, k, v, 0.125, *window, det, "auto", cu_q, cu_k, mq, mk),
+                                       (q, k, v, 0.125, *window, det, family, cu_q, cu_k, mq, mk),
                                        test_utils=OPCHECK_UTILS)
         assert set(result.values()) == {"SUCCESS"}, result
     with torch.no_grad():
-        out, lse = torch.ops.flashattn_ext.fwd(q, k, v, 0.125, -1, 0, False, "auto", cu_q, cu_k, mq, mk)
+        out, lse = torch.ops.flashattn_ext.fwd(q, k, v, 0.125, -1, 0, False, family, cu_q, cu_k, mq, mk)
     for dlse in (None, torch.randn_like(lse)):
         args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.125, -1, 0, False, dlse,
-                "auto", cu_q, cu_k, mq, mk)
+                family, cu_q, cu_k, mq, mk)
         result = torch.library.opcheck(torch.ops.flashattn_ext.bwd.default, args,
                                        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
         assert set(result.values()) == {"SUCCESS"}, result
 
 
 @gpu
-def test_torch_compile_fullgraph_matches_eager():
+def test_torch_compile_fullgraph_matches_eager(family):
     need_head_dim(64)
+    need_family(family, 64)
     torch._dynamo.reset()
     q, k, v, cu_q, cu_k, mq, mk = packed(SEQS_SMALL, 4, 2, 64, BF16, DEVICE, 10)
 
     def step(q, k, v, cu_q, cu_k):
-        out, lse = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True, return_lse=True)
+        out, lse = flashattn_ext.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True, return_lse=True,
+                                                  algorithm=family)
         return out.float().square().sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()
 
     compiled = torch.compile(step, fullgraph=True)

@@ -20,11 +20,12 @@ struct QkvParams {
   // Sequence part, read only through SeqInfo (seqlen.h). Null: padded batch of seqlen_q / seqlen_k rows.
   // Varlen (attention_varlen): (batch + 1) prefix sums of the packed query / key lengths, and the keys used per
   // sequence (null: all); seqlen_q / seqlen_k are then max_seqlen_q / max_seqlen_k (they size the grids; blocks
-  // past a sequence's end exit) and total_q is the packed query rows (the row count per head of lse).
+  // past a sequence's end exit) and total_q / total_k are the packed rows (total_q: the row count per head of lse;
+  // both: the row extent of the Hopper family's tensor maps).
   const int* __restrict__ cu_seqlens_q;
   const int* __restrict__ cu_seqlens_k;
   const int* __restrict__ seqused_k;
-  int total_q;
+  int total_q, total_k;
 };
 
 struct FwdParams : QkvParams {

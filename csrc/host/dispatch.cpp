@@ -54,13 +54,10 @@ bool fa3_fwd_available(int head_dim) { return fa3_has(head_dim, {FAE_FA3_HEAD_DI
 bool fa3_bwd_available(int head_dim) { return fa3_has(head_dim, {FAE_FA3_BWD_HEAD_DIMS}); }
 
 Family choose_family(c10::string_view algorithm, int arch, Direction direction, int head_dim, bool varlen) {
-  if (varlen) {  // only the FA2 kernels follow packed sequences (SeqInfo) so far
-    if (algorithm == "auto" || algorithm == "fa2") return Family::kFa2;
-    TORCH_CHECK_VALUE(algorithm != "fa3" && algorithm != "fa1", "algorithm='", std::string(algorithm),
-                      "' does not support varlen (attention_varlen): varlen is FA2-only for now; use "
-                      "algorithm='auto' or 'fa2'");
-    TORCH_CHECK_VALUE(false, "algorithm must be one of ", kAlgorithmNames, ", got '", std::string(algorithm), "'");
-  }
+  // Packed sequences (varlen) follow the same rule below: the FA2 and Hopper kernels both read them through
+  // SeqInfo; FA1 keeps its padded-only kernels.
+  TORCH_CHECK_VALUE(!(varlen && algorithm == "fa1"), "algorithm='fa1' does not support varlen (attention_varlen); "
+                    "use algorithm='auto', 'fa2' or 'fa3'");
   // "auto": the Hopper family (fa3) on sm_90 where this build has it for the head dim and direction (measured
   // forward 1.1-1.9x, backward 1.2-1.3x SDPA flash on the H200, bench/NOTES.md); FA2 otherwise (the FA2 backward
   // takes any forward's out and lse, so a D256 fa3 forward pairs with the FA2 backward). FA2 was measured faster

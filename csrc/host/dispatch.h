@@ -17,8 +17,8 @@ constexpr const char* kAlgorithmNames = "('auto', 'fa2', 'fa1', 'fa3')";
 
 // The family that runs `algorithm` ("auto", "fa2", "fa1", "fa3") in `direction` on a GPU of compute capability
 // `arch` (major * 10 + minor) for head dim `head_dim`. ValueError naming `algorithm` for an unknown name or one
-// this GPU / head dim / build cannot run. `varlen` (packed sequences, attention_varlen): FA2 only for now, so
-// "auto" is FA2 there on every GPU and "fa3" / "fa1" raise.
+// this GPU / head dim / build cannot run. `varlen` (packed sequences, attention_varlen): the same choice (fa3 on
+// sm_90 for "auto"), except that "fa1" raises (FA1 has no varlen kernels).
 Family choose_family(c10::string_view algorithm, int arch, Direction direction, int head_dim, bool varlen = false);
 
 // True when this build has the Hopper forward for head_dim: sm_90a code compiled in and the head dim among the

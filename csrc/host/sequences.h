@@ -118,6 +118,7 @@ inline void fill_qkv_params(QkvParams& p, const at::Tensor& q, const at::Tensor&
   p.cu_seqlens_k = s.cu_seqlens_k;
   p.seqused_k = nullptr;
   p.total_q = s.varlen ? static_cast<int>(s.total_q) : 0;
+  p.total_k = s.varlen ? static_cast<int>(s.total_k) : 0;
 }
 
 // lse / dlse: (batch, heads_q, seqlen_q) padded, (heads_q, total_q) varlen.

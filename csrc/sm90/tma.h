@@ -1,6 +1,6 @@
-// Host side of TMA: tensor maps for (batch, head, seq, dim) tensors with any strides and a contiguous last
-// dim. cuTensorMapEncodeTiled is a driver API; it is looked up once through the runtime's entry-point query,
-// so the extension needs no link against libcuda.
+// Host side of TMA: tensor maps for (batch, head, seq, dim) tensors and packed (total_rows, head, dim) ones, with
+// any strides and a contiguous last dim. cuTensorMapEncodeTiled is a driver API; it is looked up once through the
+// runtime's entry-point query, so the extension needs no link against libcuda.
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -55,6 +55,14 @@ inline CUtensorMap make_bhsd_tmap(const void* base, bool bf16, int64_t batch, in
     throw std::runtime_error("flashattn_ext: cuTensorMapEncodeTiled failed (error " + std::to_string(res) +
                              "): strides must be multiples of 16 bytes and the data 16-byte aligned");
   return map;
+}
+
+// Tensor map over a packed (total_rows, heads, head_dim) tensor (varlen), described as (head_dim, total_rows,
+// heads, 1): the kernels address both forms with the same 4-D copy, a sequence's rows at its first packed row.
+// Rows past total_rows read as zeros.
+inline CUtensorMap make_packed_tmap(const void* base, bool bf16, int64_t total_rows, int64_t heads, int64_t head_dim,
+                                    int64_t head_stride, int64_t row_stride, int box_rows) {
+  return make_bhsd_tmap(base, bf16, 1, heads, total_rows, head_dim, 0, head_stride, row_stride, box_rows);
 }
 
 }  // namespace fae::sm90

@@ -9,6 +9,9 @@
 //   P = exp2(S * scale_log2 - lse_log2[row]), dS = P * (dP - Delta[row])   (in the accumulators)
 //   dQ += dS K                                  (RS: dS from the accumulator; K MN-major, as V in the forward)
 // and write dQ * scale in q's dtype and layout at the end.
+// Varlen (kVarlen): the grid counts the longest query sequence; a block past its own sequence's end exits whole
+// before any barrier. Rows past the end (the next sequence's, when packed) have lse_log2 = +inf in the
+// sequence's padded row buffers (P = 0) and are not stored.
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -18,6 +21,7 @@
 #include "../../sm90/ptx.h"
 #include "../../sm90/ptx_bwd.h"
 #include "../../sm90/wgmma_ops.h"
+#include "seq.cuh"
 
 namespace fae {
 
@@ -49,7 +53,7 @@ struct Fa3BwdDqTraits {
   static_assert(kSmemBytes <= 227 * 1024, "tile does not fit in shared memory");
 };
 
-template <typename Tr>
+template <typename Tr, bool kVarlen>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     fa3_bwd_dq_kernel(const __grid_constant__ BwdParams p, const __grid_constant__ CUtensorMap tmap_q,
                       const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_v,
@@ -73,8 +77,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   uint64_t* bar_free = bar_kv + kStages;            // both consumers are done with stage s
 
   const int m0 = blockIdx.x * kBlockM, h = blockIdx.y, b = blockIdx.z, hk = h / p.head_group;
-  const int m_end = min(m0 + kBlockM, p.seqlen_q);
-  const WindowMask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  if constexpr (kVarlen) {
+    if (m0 >= fa3::sequence<kVarlen>(p, b).seqlen_q) return;  // the whole block, before any barrier
+  }
+  const SeqInfo seq = fa3::sequence<kVarlen>(p, b);
+  const int m_end = min(m0 + kBlockM, seq.seqlen_q);
+  const WindowMask mask = WindowMask::of(p, seq);
   // Key tiles this query tile sees: [n_begin, n_begin + n_count) (computed on each side after setmaxnreg).
   auto key_tiles = [&](int& n_begin) {
     const int key_begin = mask.key_begin(m0), key_end = mask.key_end(m_end);
@@ -105,22 +113,27 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     tma_prefetch_desc(&tmap_v);
     tma_prefetch_desc(&tmap_do);
     mbar_arrive_expect_tx(bar_q, 2 * Tr::kQBytes + 2 * Tr::kRowBytes);
+    const fa3::TmaRow q_at = fa3::q_rows(seq, m0);
 #pragma unroll
     for (int c = 0; c < kPanels; ++c) {
-      tma_load_4d(sQ + c * Tr::kPanelQ, &tmap_q, bar_q, c * 64, m0, h, b);
-      tma_load_4d(sDo + c * Tr::kPanelQ, &tmap_do, bar_q, c * 64, m0, h, b);
+      tma_load_4d(sQ + c * Tr::kPanelQ, &tmap_q, bar_q, c * 64, q_at.row, h, q_at.batch);
+      tma_load_4d(sDo + c * Tr::kPanelQ, &tmap_do, bar_q, c * 64, q_at.row, h, q_at.batch);
     }
-    const int64_t row = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q_rounded + m0;
+    // kBlockM rows of the sequence's padded row buffers (a whole number of kBwdSeqRound tiles: in bounds).
+    const int64_t row = bwd_row0(p, seq, h) + m0;
     bulk_load(sLse, p.lse_log2 + row, Tr::kRowBytes, bar_q);
     bulk_load(sDelta, p.dsoftmax_sum + row, Tr::kRowBytes, bar_q);
     for (int i = 0; i < n_count; ++i) {
-      const int stage = i % kStages, n0 = (n_begin + i) * kBlockN;
+      const int stage = i % kStages;
+      const fa3::TmaRow kv_at = fa3::k_rows(seq, (n_begin + i) * kBlockN);
       if (i >= kStages) mbar_wait(&bar_free[stage], ((i / kStages) & 1) ^ 1);
       mbar_arrive_expect_tx(&bar_kv[stage], 2 * Tr::kKVBytes);
 #pragma unroll
       for (int c = 0; c < kPanels; ++c) {
-        tma_load_4d(sK + stage * Tr::kKVBytes + c * Tr::kPanelKV, &tmap_k, &bar_kv[stage], c * 64, n0, hk, b);
-        tma_load_4d(sV + stage * Tr::kKVBytes + c * Tr::kPanelKV, &tmap_v, &bar_kv[stage], c * 64, n0, hk, b);
+        tma_load_4d(sK + stage * Tr::kKVBytes + c * Tr::kPanelKV, &tmap_k, &bar_kv[stage], c * 64, kv_at.row, hk,
+                    kv_at.batch);
+        tma_load_4d(sV + stage * Tr::kKVBytes + c * Tr::kPanelKV, &tmap_v, &bar_kv[stage], c * 64, kv_at.row, hk,
+                    kv_at.batch);
       }
     }
     return;
@@ -208,12 +221,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (lane == 0) mbar_arrive(&bar_free[stage]);
   }
 
-  // dq = dQ * scale, rows < seqlen_q (a tile that sees no key writes zeros).
-  T* dq = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
+  // dq = dQ * scale, rows < the sequence's seqlen_q (a tile that sees no key writes zeros).
+  T* dq = seq.q_side(static_cast<T*>(p.dq), p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride, h);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = m0 + local0 + 8 * r;
-    if (row >= p.seqlen_q) continue;
+    if (row >= seq.seqlen_q) continue;
     T* dq_row = dq + static_cast<int64_t>(row) * p.dq_row_stride;
 #pragma unroll
     for (int j = 0; j < kD / 8; ++j)

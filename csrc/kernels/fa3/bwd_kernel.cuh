@@ -15,8 +15,13 @@
 //                                              (Traits: kDqSplit, kDqBulk).
 //   dK, dV stay in registers across the whole loop (GQA sums the group's query heads there) and are written
 //   once at the end: dK scaled by the softmax scale; dQ is scaled by the convert kernel.
-// Query rows past seqlen_q load as zeros and have lse_log2 = +inf (padding of the row buffers), so their P is
-// 0 without a mask; key rows past seqlen_k and the window are masked where a tile needs it.
+// Query rows past seqlen_q load as zeros (the next sequence's rows when packed) and have lse_log2 = +inf
+// (padding of the row buffers), so their P and dS are 0 without a mask; key rows past seqlen_k and the window
+// are masked where a tile needs it.
+// Varlen (kVarlen): the grid counts the longest key sequence; a block past its own sequence's end exits whole
+// before any barrier. lse_log2, Delta and dq_accum rows are at the sequence's own padded rows (seqlen.h
+// bwd_row0), a whole number of kBwdSeqRound tiles, so whole-tile reads and the bulk dQ reduce stay inside them;
+// dK and dV are stored row by row below the sequence's seqlen_k.
 // Not yet: overlap of one step's softmax with the next step's GEMMs inside a warpgroup (the two consumers
 // interleave instead), a deterministic dQ order, head dim 256 (dK + dV alone would take 256 registers/thread).
 #pragma once
@@ -31,6 +36,7 @@
 #include "../../sm90/ptx_bwd.h"
 #include "../../sm90/wgmma_ops.h"
 #include "bwd_dq.cuh"
+#include "seq.cuh"
 
 namespace fae {
 
@@ -168,7 +174,7 @@ struct BwdConsumer {
 }  // namespace fa3
 
 // kWithDq = false (deterministic mode): dK and dV only; dQ comes from fa3_bwd_dq_kernel.
-template <typename Tr, bool kWithDq>
+template <typename Tr, bool kWithDq, bool kVarlen>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     fa3_bwd_dkdv_kernel(const __grid_constant__ BwdParams p, const __grid_constant__ CUtensorMap tmap_q,
                         const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_v,
@@ -192,13 +198,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   uint64_t* bar_free = bar_full + kStages;          // both consumers are done with stage s
 
   const int n0 = blockIdx.x * kBlockN, hk = blockIdx.y, b = blockIdx.z;
-  const WindowMask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  if constexpr (kVarlen) {
+    if (n0 >= fa3::sequence<kVarlen>(p, b).seqlen_k) return;  // the whole block, before any barrier
+  }
+  const SeqInfo seq = fa3::sequence<kVarlen>(p, b);
+  const WindowMask mask = WindowMask::of(p, seq);
   // The steps: query tiles with a row that sees some key of this block, for each query head of the group.
   // Computed by each side after its register reallocation (a value live across setmaxnreg gets spilled).
   struct Steps {
     int m_first, m_count, count, h0;
     __device__ __forceinline__ Steps(const BwdParams& p, const WindowMask& mask, int n0, int hk) {
-      const int q_begin = mask.query_begin(n0), q_end = mask.query_end(min(n0 + kBlockN, p.seqlen_k));
+      const int q_begin = mask.query_begin(n0), q_end = mask.query_end(min(n0 + kBlockN, mask.seqlen_k));
       m_first = q_begin / kBlockM;
       m_count = q_end > q_begin ? (q_end + kBlockM - 1) / kBlockM - m_first : 0;
       count = m_count * p.head_group;
@@ -230,21 +240,25 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     tma_prefetch_desc(&tmap_v);
     tma_prefetch_desc(&tmap_do);
     mbar_arrive_expect_tx(bar_kv, 2 * Tr::kKVBytes);
+    const fa3::TmaRow kv_at = fa3::k_rows(seq, n0);
 #pragma unroll
     for (int c = 0; c < kPanels; ++c) {
-      tma_load_4d(sK + c * Tr::kPanelKV, &tmap_k, bar_kv, c * 64, n0, hk, b);
-      tma_load_4d(sV + c * Tr::kPanelKV, &tmap_v, bar_kv, c * 64, n0, hk, b);
+      tma_load_4d(sK + c * Tr::kPanelKV, &tmap_k, bar_kv, c * 64, kv_at.row, hk, kv_at.batch);
+      tma_load_4d(sV + c * Tr::kPanelKV, &tmap_v, bar_kv, c * 64, kv_at.row, hk, kv_at.batch);
     }
     for (int s = 0; s < steps.count; ++s) {
       const int stage = s % kStages;
       // Use r of a stage waits for release r - 1 (completion r - 1 of its free barrier).
       if (s >= kStages) mbar_wait(&bar_free[stage], ((s / kStages) & 1) ^ 1);
-      const int h = steps.head(s), m0 = steps.m0(s);
+      const int h = steps.head(s);
+      const fa3::TmaRow q_at = fa3::q_rows(seq, steps.m0(s));
       mbar_arrive_expect_tx(&bar_full[stage], 2 * Tr::kQBytes);
 #pragma unroll
       for (int c = 0; c < kPanels; ++c) {
-        tma_load_4d(sQ + stage * Tr::kQBytes + c * Tr::kPanelQ, &tmap_q, &bar_full[stage], c * 64, m0, h, b);
-        tma_load_4d(sDo + stage * Tr::kQBytes + c * Tr::kPanelQ, &tmap_do, &bar_full[stage], c * 64, m0, h, b);
+        tma_load_4d(sQ + stage * Tr::kQBytes + c * Tr::kPanelQ, &tmap_q, &bar_full[stage], c * 64, q_at.row, h,
+                    q_at.batch);
+        tma_load_4d(sDo + stage * Tr::kQBytes + c * Tr::kPanelQ, &tmap_do, &bar_full[stage], c * 64, q_at.row, h,
+                    q_at.batch);
       }
     }
     return;
@@ -295,10 +309,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     wgmma_wait<1>();  // S done; dP may still run
     fence_regs(acc_s);
     // lse_log2 and Delta of the tile's query rows (padded row buffers: rows past seqlen_q hold +inf / 0).
-    const int64_t row = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q_rounded + m0;
+    const int64_t row = bwd_row0(p, seq, h) + m0;
     const float* lse = p.lse_log2 + row;
     const float* delta = p.dsoftmax_sum + row;
-    const bool needs_mask = !mask.tile_fully_visible(m0, min(m0 + kBlockM, p.seqlen_q), kv0, kv0 + 64);
+    const bool needs_mask = !mask.tile_fully_visible(m0, min(m0 + kBlockM, seq.seqlen_q), kv0, kv0 + 64);
 #pragma unroll
     for (int j = 0; j < kBlockM / 8; ++j) {
       const float2 l = *reinterpret_cast<const float2*>(lse + 8 * j + 2 * t);
@@ -356,8 +370,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (lane == 0) mbar_arrive(&bar_free[stage]);
     if constexpr (!kWithDq) continue;
 
-    // dq_accum rows m0 .. m0 + 63 (padded to seqlen_q_rounded: no bounds check), this consumer's columns.
-    const int64_t tile_row = (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q_rounded + m0;
+    // dq_accum rows m0 .. m0 + 63 (inside the sequence's padded rows: no bounds check; rows past seqlen_q add
+    // zeros there), this consumer's columns.
+    const int64_t tile_row = bwd_row0(p, seq, h) + m0;
     if constexpr (kDqBulk) {
       float* dq_part = reinterpret_cast<float*>(smem + Tr::kDqOffset) + cw * (Tr::kDqPartBytes / 4);
 #pragma unroll
@@ -384,13 +399,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (tid == 0) bulk_wait<0>();  // the shared-memory source must outlive the reads (and the block)
   }
 
-  // Epilogue: dK * scale and dV in the input dtype, rows < seqlen_k (a block with no step writes zeros).
-  T* dk = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
-  T* dv = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
+  // Epilogue: dK * scale and dV in the input dtype, rows < the sequence's seqlen_k (a block with no step writes
+  // zeros).
+  T* dk = seq.k_side(static_cast<T*>(p.dk), p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride, hk);
+  T* dv = seq.k_side(static_cast<T*>(p.dv), p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride, hk);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = key0 + 8 * r;
-    if (key >= p.seqlen_k) continue;
+    if (key >= seq.seqlen_k) continue;
     T* dk_row = dk + static_cast<int64_t>(key) * p.dk_row_stride;
     T* dv_row = dv + static_cast<int64_t>(key) * p.dv_row_stride;
 #pragma unroll

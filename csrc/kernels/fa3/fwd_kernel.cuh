@@ -1,7 +1,8 @@
 // Hopper (sm_90a) FlashAttention forward: TMA loads, wgmma, warp specialisation.
 //
 // One block per (query tile of 128 rows, batch, head) (FAE_FA3_PERSISTENT=1: one block per SM striding over the
-// tiles; measured slower, bench/NOTES.md), 3 warpgroups:
+// tiles; measured slower, bench/NOTES.md), 3 warpgroups. Varlen (kVarlen, packed sequences): the tiles are counted
+// by the longest sequence; a tile past its own sequence's end loads and stores nothing (fa3/seq.cuh).
 //   warpgroup 0 (producer): one thread issues TMA copies of the Q tile and of K/V tiles into a ring of kStages
 //     shared-memory stages; "full" mbarriers complete when the bytes land, "K free" / "V free" ones when both
 //     consumers are done with a stage's K or V. It gives most of its registers away (setmaxnreg).
@@ -23,6 +24,7 @@
 #include "../../sm80/ptx.h"
 #include "../../sm90/ptx.h"
 #include "../../sm90/wgmma_ops.h"
+#include "seq.cuh"
 
 namespace fae {
 
@@ -199,32 +201,38 @@ struct Consumer {
 
 }  // namespace fa3
 
-// Which (query tile, batch, head) a persistent block works on at its n-th step, and the key tiles it visits.
-// Tiles are numbered with the last (for causal: heaviest) query tiles first, so a static stride over the
-// numbering hands out the longest work first; consecutive numbers are consecutive heads of one batch, so the
-// query heads of one GQA group read the same K/V tiles from L2 at about the same time.
-template <typename Tr>
+// Which (query tile, batch, head) a persistent block works on at its n-th step, its sequence and mask, and the
+// key tiles it visits. Tiles are numbered with the last (for causal: heaviest) query tiles first, so a static
+// stride over the numbering hands out the longest work first; consecutive numbers are consecutive heads of one
+// batch, so the query heads of one GQA group read the same K/V tiles from L2 at about the same time.
+template <typename Tr, bool kVarlen>
 struct Fa3Tile {
   int m_block, b, h, m0, m_end, n_end, n_count;
+  SeqInfo seq;
+  WindowMask mask;
 
-  __device__ __forceinline__ Fa3Tile(const FwdParams& p, const WindowMask& mask, int tile, int num_m_blocks) {
-    const int bh_count = p.batch * p.heads_q;
-    m_block = num_m_blocks - 1 - tile / bh_count;
-    const int bh = tile % bh_count;
-    b = bh / p.heads_q;
-    h = bh % p.heads_q;
+  // padded_mask: the mask of every padded sequence (varlen tiles build their own).
+  __device__ __forceinline__ Fa3Tile(const FwdParams& p, const WindowMask& padded_mask, int tile, int num_m_blocks)
+      : m_block(num_m_blocks - 1 - tile / (p.batch * p.heads_q)),
+        b(tile % (p.batch * p.heads_q) / p.heads_q),
+        h(tile % (p.batch * p.heads_q) % p.heads_q),
+        seq(fa3::sequence<kVarlen>(p, b)),
+        mask(kVarlen ? WindowMask::of(p, seq) : padded_mask) {
     m0 = m_block * Tr::kBlockM;
-    m_end = min(m0 + Tr::kBlockM, p.seqlen_q);
+    m_end = min(m0 + Tr::kBlockM, seq.seqlen_q);
     const int key_begin = mask.key_begin(m0), key_end = mask.key_end(m_end);
     const int n_begin = key_begin / Tr::kBlockN;
     n_end = key_end > key_begin ? (key_end + Tr::kBlockN - 1) / Tr::kBlockN : n_begin;
     n_count = n_end - n_begin;
+    // Varlen: a tile past its sequence's end (the grid counts the longest one) has no row; it loads nothing, and
+    // its epilogue stores nothing (every row >= seqlen_q). Padded tiles always start inside the sequence.
+    if (kVarlen && m0 >= seq.seqlen_q) n_end = n_count = 0;
   }
   // Key tile visited at step i of this tile: the last one first, so only the first steps can need a mask.
   __device__ __forceinline__ int n0(int i) const { return (n_end - 1 - i) * Tr::kBlockN; }
 };
 
-template <typename Tr>
+template <typename Tr, bool kVarlen>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     fa3_fwd_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ CUtensorMap tmap_q,
                    const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_v,
@@ -247,8 +255,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   uint64_t* bar_k_free = bar_v + kStages;           // both consumers are done with K of stage s
   uint64_t* bar_v_free = bar_k_free + kStages;      // ... with V of stage s
 
-  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const WindowMask mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;  // varlen: of the longest sequence
+  const WindowMask padded_mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  if constexpr (kVarlen) {
+    // One tile per block (not persistent) and that tile past its sequence's end: the whole block leaves before
+    // any barrier (cheaper than the empty-tile path below for the many such blocks of a varlen grid).
+    if (static_cast<int>(gridDim.x) >= num_tiles) {
+      const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, blockIdx.x, num_m_blocks);
+      if (tl.m0 >= tl.seq.seqlen_q) return;
+    }
+  }
 
   if (threadIdx.x == 0) {
     mbar_init(bar_q, 1);
@@ -275,13 +291,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     tma_prefetch_desc(&tmap_v);
     int it = 0, q_it = 0;
     for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-      const Fa3Tile<Tr> tl(p, mask, tile, num_m_blocks);
+      const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, tile, num_m_blocks);
       if (tl.n_count == 0) continue;
       const int hk = tl.h / p.head_group;
       if (q_it > 0) mbar_wait(bar_q_free, (q_it - 1) & 1);
       mbar_arrive_expect_tx(bar_q, Tr::kQBytes);
+      const fa3::TmaRow q_at = fa3::q_rows(tl.seq, tl.m0);
 #pragma unroll
-      for (int c = 0; c < kPanels; ++c) tma_load_4d(sQ + c * Tr::kPanelQ, &tmap_q, bar_q, c * 64, tl.m0, tl.h, tl.b);
+      for (int c = 0; c < kPanels; ++c)
+        tma_load_4d(sQ + c * Tr::kPanelQ, &tmap_q, bar_q, c * 64, q_at.row, tl.h, q_at.batch);
       ++q_it;
       for (int i = 0; i < tl.n_count; ++i, ++it) {
         const int stage = it % kStages;
@@ -289,16 +307,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         const uint32_t free_parity = ((it / kStages) & 1) ^ 1;
         char* k_dst = sK + stage * Tr::kKVBytes;
         char* v_dst = sV + stage * Tr::kKVBytes;
+        const fa3::TmaRow kv_at = fa3::k_rows(tl.seq, tl.n0(i));
         if (it >= kStages) mbar_wait(&bar_k_free[stage], free_parity);
         mbar_arrive_expect_tx(&bar_k[stage], Tr::kKVBytes);
 #pragma unroll
         for (int c = 0; c < kPanels; ++c)
-          tma_load_4d(k_dst + c * Tr::kPanelKV, &tmap_k, &bar_k[stage], c * 64, tl.n0(i), hk, tl.b);
+          tma_load_4d(k_dst + c * Tr::kPanelKV, &tmap_k, &bar_k[stage], c * 64, kv_at.row, hk, kv_at.batch);
         if (it >= kStages) mbar_wait(&bar_v_free[stage], free_parity);
         mbar_arrive_expect_tx(&bar_v[stage], Tr::kKVBytes);
 #pragma unroll
         for (int c = 0; c < kPanels; ++c)
-          tma_load_4d(v_dst + c * Tr::kPanelKV, &tmap_v, &bar_v[stage], c * 64, tl.n0(i), hk, tl.b);
+          tma_load_4d(v_dst + c * Tr::kPanelKV, &tmap_v, &bar_v[stage], c * 64, kv_at.row, hk, kv_at.batch);
       }
     }
     return;
@@ -331,9 +350,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   int it = 0, q_it = 0;
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-    const Fa3Tile<Tr> tl(p, mask, tile, num_m_blocks);
+    const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, tile, num_m_blocks);
     const int row0 = tl.m0 + cw * 64 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
-    auto needs_mask = [&](int i) { return !mask.tile_fully_visible(tl.m0, tl.m_end, tl.n0(i), tl.n0(i) + kBlockN); };
+    // Keys past the sequence's length (zeros, or the next sequence's rows when packed) are masked here too.
+    auto needs_mask = [&](int i) {
+      return !tl.mask.tile_fully_visible(tl.m0, tl.m_end, tl.n0(i), tl.n0(i) + kBlockN);
+    };
 
     float acc_o[kD / 2];
 #pragma unroll
@@ -366,7 +388,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       fence_regs(acc_s);
       release(&bar_k_free[stage_of(it)]);
       if (n == 1) release(bar_q_free);
-      C::softmax(acc_s, row_max, row_sum, scale_o, mask, needs_mask(0), row0, tl.n0(0), t, p.scale_log2);
+      C::softmax(acc_s, row_max, row_sum, scale_o, tl.mask, needs_mask(0), row0, tl.n0(0), t, p.scale_log2);
       C::pack_p(p_frag, acc_s);
     }
     for (int i = 1; i < n; ++i) {
@@ -386,7 +408,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       fence_regs(acc_s);
       release(&bar_k_free[stage_of(cur)]);
       if (i == n - 1) release(bar_q_free);
-      C::softmax(acc_s, row_max, row_sum, scale_o, mask, needs_mask(i), row0, tl.n0(i), t, p.scale_log2);
+      C::softmax(acc_s, row_max, row_sum, scale_o, tl.mask, needs_mask(i), row0, tl.n0(i), t, p.scale_log2);
       wgmma_wait<0>();  // PV(i-1) done: O and p_frag may be rewritten, V(i-1) released
       fence_regs(acc_o);
       release(&bar_v_free[stage_of(prev)]);
@@ -408,15 +430,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       ++q_it;
     }
 
-    // Epilogue: normalise, write O (rows < seqlen_q) and lse. The producer is already loading the next tile.
-    T* o = static_cast<T*>(p.o) + tl.b * p.o_batch_stride + tl.h * p.o_head_stride;
-    float* lse = p.lse + (static_cast<int64_t>(tl.b) * p.heads_q + tl.h) * p.seqlen_q;
+    // Epilogue: normalise, write O and lse row by row, rows < the sequence's seqlen_q (nothing reaches the next
+    // packed sequence). The producer is already loading the next tile.
+    T* o = tl.seq.q_side(static_cast<T*>(p.o), p.o_batch_stride, p.o_head_stride, p.o_row_stride, tl.h);
+    float* lse = p.lse + lse_row0(p, tl.seq, tl.h);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float sum = fa3::quad_sum(row_sum[r]);
       const float inv = sum > 0.f ? 1.f / sum : 0.f;
       const int row = row0 + 8 * r;
-      if (row < p.seqlen_q) {
+      if (row < tl.seq.seqlen_q) {
         T* orow = o + static_cast<int64_t>(row) * p.o_row_stride;
 #pragma unroll
         for (int j = 0; j < kD / 8; ++j)

@@ -1,34 +1,21 @@
-// Host-side launch of the Hopper forward for one (dtype, head dim): tensor maps for Q, K, V, then the kernel.
+// Host-side launch of the Hopper forward for one (dtype, head dim): tensor maps for Q, K, V, then the kernel
+// (its varlen instantiation when the params carry cu_seqlens; the grid is then counted by max_seqlen_q).
 #pragma once
 #include <cuda_runtime.h>
 #include <type_traits>
 #include "../launch.h"
-#include "../../sm90/tma.h"
 #include "fwd_kernel.cuh"
+#include "tmaps.h"
 
 namespace fae {
 
-template <typename T, int kHeadDim>
-void run_fa3_fwd(const FwdParams& params, cudaStream_t stream) {
-  using Tr = Fa3FwdTraits<T, kHeadDim>;
-  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  const int64_t num_m_blocks = (params.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM;
-  const int64_t blocks = num_m_blocks * params.batch * params.heads_q;
-  if (blocks == 0) return;
-  const CUtensorMap tq = sm90::make_bhsd_tmap(params.q, kBf16, params.batch, params.heads_q, params.seqlen_q, kHeadDim,
-                                              params.q_batch_stride, params.q_head_stride, params.q_row_stride,
-                                              Tr::kBlockM);
-  const CUtensorMap tk = sm90::make_bhsd_tmap(params.k, kBf16, params.batch, params.heads_kv, params.seqlen_k, kHeadDim,
-                                              params.k_batch_stride, params.k_head_stride, params.k_row_stride,
-                                              Tr::kBlockN);
-  const CUtensorMap tv = sm90::make_bhsd_tmap(params.v, kBf16, params.batch, params.heads_kv, params.seqlen_k, kHeadDim,
-                                              params.v_batch_stride, params.v_head_stride, params.v_row_stride,
-                                              Tr::kBlockN);
-  constexpr auto kernel = fa3_fwd_kernel<Tr>;
+template <typename Tr, bool kVarlen>
+void launch_fa3_fwd_kernel(const FwdParams& params, const CUtensorMap& tq, const CUtensorMap& tk,
+                           const CUtensorMap& tv, int num_tiles, cudaStream_t stream) {
+  constexpr auto kernel = fa3_fwd_kernel<Tr, kVarlen>;
   set_smem_limit_once<kernel>(Tr::kSmemBytes, "fa3_fwd");
   // Persistent: one block per SM (the tile needs all of its shared memory), each striding over the tiles;
   // otherwise one block per tile (the kernel's tile loop then runs once).
-  const int num_tiles = static_cast<int>(grid_size(blocks, "fa3_fwd"));
 #ifdef FAE_FA3_PERSISTENT
   constexpr bool kPersistent = FAE_FA3_PERSISTENT;
 #else
@@ -43,6 +30,24 @@ void run_fa3_fwd(const FwdParams& params, cudaStream_t stream) {
   }
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(params, tq, tk, tv, num_tiles);
   check_cuda(cudaGetLastError(), "fa3_fwd launch");
+}
+
+template <typename T, int kHeadDim>
+void run_fa3_fwd(const FwdParams& params, cudaStream_t stream) {
+  using Tr = Fa3FwdTraits<T, kHeadDim>;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  const int64_t num_m_blocks = (params.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM;
+  const int64_t blocks = num_m_blocks * params.batch * params.heads_q;
+  if (blocks == 0) return;
+  const CUtensorMap tq = fa3::q_side_tmap(params, params.q, kBf16, kHeadDim, params.q_batch_stride,
+                                          params.q_head_stride, params.q_row_stride, Tr::kBlockM);
+  const CUtensorMap tk = fa3::k_side_tmap(params, params.k, kBf16, kHeadDim, params.k_batch_stride,
+                                          params.k_head_stride, params.k_row_stride, Tr::kBlockN);
+  const CUtensorMap tv = fa3::k_side_tmap(params, params.v, kBf16, kHeadDim, params.v_batch_stride,
+                                          params.v_head_stride, params.v_row_stride, Tr::kBlockN);
+  const int num_tiles = static_cast<int>(grid_size(blocks, "fa3_fwd"));
+  if (params.cu_seqlens_q != nullptr) launch_fa3_fwd_kernel<Tr, true>(params, tq, tk, tv, num_tiles, stream);
+  else launch_fa3_fwd_kernel<Tr, false>(params, tq, tk, tv, num_tiles, stream);
 }
 
 }  // namespace fae
