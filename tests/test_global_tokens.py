@@ -178,6 +178,33 @@ def test_empty_inputs(B, S):
     assert out.shape == q.shape and lse.shape == q.shape[:3]
 
 
+# ---- bench/bench_window.py counts and masks what it claims (its GPU part runs on the device) ---------------
+
+def test_bench_window_masks_and_pairs_are_the_rule():
+    """Its useful-FLOP count, FlexAttention mask_mod and SDPA dense mask all equal the reference's rule, and its
+    argument parsing works without a GPU."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import bench_window as bw
+
+    for S, w, causal, G in itertools.product((1, 37, 100), (1, 3, 50, 200), (False, True), (0, 1, 16)):
+        if G > S:
+            continue
+        gm = torch.zeros(1, S, dtype=torch.bool)
+        gm[:, :G] = True
+        want = visible_mask(S, S, causal, bw.kernel_window(w, causal), global_mask=gm).reshape(S, S)
+        i, j = torch.arange(S).view(S, 1), torch.arange(S).view(1, S)
+        assert torch.equal(bw.mask_mod(w, causal, G)(0, 0, i, j).expand(S, S), want), (S, w, causal, G)
+        assert torch.equal(bw.dense_mask(S, w, causal, G, "cpu").reshape(S, S), want)
+        assert bw.visible_pairs(S, w, causal, G) == int(want.sum())
+    args = bw.parse_args(["--issue"])
+    assert args.seqlens == [16384, 65536] and args.windows == [1024] and args.modes == [True]
+    assert len(bw.cases(bw.parse_args([]))) == 3 * 2 * 2 * 2
+    with pytest.raises(SystemExit):
+        bw.parse_args(["--windows", "0"])
+
+
 # ---- bad input: a clear exception before any attention runs ------------------------------------------------
 
 @pytest.fixture
