@@ -3,7 +3,7 @@ is validated here and runs the pure-PyTorch reference."""
 import torch
 
 from . import _ops, validate
-from .global_tokens import adds_nothing, global_attention, resolve_global_tokens
+from .global_tokens import Spec, adds_nothing, global_attention, resolve_global_tokens
 from .reference import attention_reference, effective_window
 
 
@@ -130,9 +130,8 @@ def _attention_with_globals(q, k, v, causal, scale, return_lse, window, algorith
     validate.check_algorithm(algorithm)
     tokens = resolve_global_tokens(global_mask, q, k)
     left, right = kernel_window(causal, window, q.shape[2], k.shape[2])
-    options = dict(causal=causal, scale=scale, window=window, algorithm=algorithm, deterministic=deterministic)
-    if adds_nothing(tokens, causal, left, right):
-        return attention(q, k, v, return_lse=return_lse, **options)
-    out, lse = global_attention(lambda q, k, v: attention(q, k, v, return_lse=True, **options), q, k, v, tokens,
-                                scale, causal, left, right)
+    if q.numel() == 0 or adds_nothing(tokens, causal, left, right):
+        return attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse, window=window,
+                         algorithm=algorithm, deterministic=deterministic)
+    out, lse = global_attention(q, k, v, tokens, Spec(scale, causal, left, right, algorithm, deterministic))
     return (out, lse) if return_lse else out

@@ -216,6 +216,22 @@ class _BlockedAttention(torch.autograd.Function):
         return (*_blocked_backward(q, k, v, out, lse, dout, dlse, ctx.scale, *ctx.window), None, None, None)
 
 
+def blocked_backward(dout, q, k, v, out, lse, scale, left, right, dlse=None):
+    """(dq, dk, dv) over the keys inside the window (left, right) (causal folded in), given the forward's out and
+    lse, in O(S) memory. When out and lse are those of attention over a larger key set that holds these keys,
+    the results are the window's share of the full gradients (as ``reference_bwd.attention_backward_reference``,
+    which is dense). q, k, v, dout, out: one float dtype; GQA: dk and dv summed over the query heads of a group."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    dq, dk, dv = _blocked_backward(q, k, v, out, lse, dout, dlse, scale, left, right)
+    if group > 1:
+        dk, dv = dk.view(B, Hkv, group, Sk, D).sum(2), dv.view(B, Hkv, group, Sk, D).sum(2)
+    return dq, dk, dv
+
+
 def _blocked_backward(q, k, v, out, lse, dout, dlse, scale, left, right):
     """dS = P * (dP - rowsum(dO * O) + dlse): the output and lse terms in one pass over the same blocks."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

@@ -4,6 +4,7 @@ CPU tests (CI) run the same decomposition as CUDA (window part + gathered global
 by lse) with the CPU reference as the window part; GPU tests run it on every kernel family. Oracle nobody here
 wrote: transformers' LongformerSelfAttention with its global projections set equal to the local ones.
 """
+import importlib
 import itertools
 
 import pytest
@@ -118,6 +119,41 @@ def check_grads(attention, q, k, v, gm, causal, window):
 def test_cpu_gradients(window, causal, pattern):
     q, k, v, gm = cpu_case(2, 4, 2, S_ODD, 32, BF16, causal, window, pattern)
     check_grads(flashattn_ext.attention, q, k, v, gm, causal, window)
+
+
+@pytest.fixture
+def cuda_like_cpu(monkeypatch):
+    """global_attention as CUDA runs it (inputs kept in bf16/fp16: the scaled output, the GEMMs accumulating into
+    it, the scatter-adds and Delta in the input dtype), with the window part from the reference (float32 inside,
+    the kernels' output and gradient dtypes)."""
+    gt = importlib.import_module("flashattn_ext.global_tokens")  # the module (the package attribute is the function)
+
+    def window_backward(dout, q, k, v, out, lse, dlse, spec):
+        up = [t.float() for t in (dout, q, k, v, out)]
+        grads = gt.blocked_backward(*up[:4], up[4], lse, spec.scale, spec.left, spec.right, dlse)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+    monkeypatch.setattr(gt, "_window_backward", window_backward)
+
+    def attention(q, k, v, causal=False, window=(-1, -1), global_mask=None, return_lse=False):
+        left, right = flashattn_ext.api.kernel_window(causal, window, q.shape[2], k.shape[2])
+        spec = gt.Spec(q.shape[-1] ** -0.5, causal, left, right, "auto", False)
+        out, lse = gt._GlobalAttention.apply(q, k, v, global_tokens(global_mask), spec)
+        assert out.dtype == q.dtype
+        return (out, lse) if return_lse else out
+
+    return attention
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+@pytest.mark.parametrize("causal, window, heads", [(False, (17, 17), (4, 2)), (True, (3, -1), (4, 1)),
+                                                   (False, (-1, 5), (2, 2))])
+def test_low_precision_path_on_cpu(cuda_like_cpu, dtype, causal, window, heads):
+    q, k, v, gm = cpu_case(2, heads[0], heads[1], S_ODD, 32, dtype, causal, window, "seven")
+    out = cuda_like_cpu(q, k, v, causal=causal, window=window, global_mask=gm)
+    err, bound, _, ok = two_x_rule(out, q, k, v, causal=causal, window=window, global_mask=gm)
+    assert ok, f"{err:.3e} > {bound:.3e}"
+    check_grads(cuda_like_cpu, q, k, v, gm, causal, window)
 
 
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (4, 1)])
