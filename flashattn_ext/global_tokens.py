@@ -27,6 +27,7 @@ from . import _ops
 from .reference import attention_reference, blocked_backward, in_window
 
 NEG_INF = float("-inf")
+_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")  # torch.bmm(..., out_dtype=) (recent torch); else upcast
 
 
 @dataclass(frozen=True, eq=False)  # eq would compare tensors
@@ -144,7 +145,7 @@ def _row_mask(tokens, S, spec):
 def _bmm32(a, b):
     """Batched a @ b with float32 (float64) results. fp16/bf16 on CUDA: cuBLAS writes float32 directly, so no
     float32 copy of the (large) inputs is made."""
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+    if _BMM_OUT_DTYPE and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
         return torch.bmm(a, b, out_dtype=torch.float32)
     compute = torch.promote_types(a.dtype, torch.float32)
     return torch.bmm(a.to(compute), b.to(compute))
