@@ -56,9 +56,9 @@ def test_reference_mask_is_the_rule(causal, window):
 
 # ---- CPU path (runs in CI) -------------------------------------------------------------------------------
 
-def cpu_case(B, Hq, Hkv, S, D, dtype, causal, window, pattern):
-    seed = seed_of("cpu", B, Hq, Hkv, S, D, dtype, causal, window, pattern)
-    q, k, v = make_qkv(B, Hq, Hkv, S, S, D, dtype, "cpu", seed=seed)
+def cpu_case(B, Hq, Hkv, S, D, dtype, causal, window, pattern, layout="bhsd"):
+    seed = seed_of("cpu", B, Hq, Hkv, S, D, dtype, causal, window, pattern, layout)
+    q, k, v = make_qkv(B, Hq, Hkv, S, S, D, dtype, "cpu", layout, seed=seed)
     return q, k, v, make_global_mask(B, S, pattern, seed)
 
 
@@ -145,11 +145,14 @@ def cuda_like_cpu(monkeypatch):
     return attention
 
 
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("dtype", [BF16, FP16])
 @pytest.mark.parametrize("causal, window, heads", [(False, (17, 17), (4, 2)), (True, (3, -1), (4, 1)),
                                                    (False, (-1, 5), (2, 2))])
-def test_low_precision_path_on_cpu(cuda_like_cpu, dtype, causal, window, heads):
-    q, k, v, gm = cpu_case(2, heads[0], heads[1], S_ODD, 32, dtype, causal, window, "seven")
+def test_low_precision_path_on_cpu(cuda_like_cpu, dtype, causal, window, heads, layout):
+    """layout "bshd": (B, S, H, D) memory, so the outputs and gradients are not contiguous (the GEMMs then
+    accumulate through a temporary)."""
+    q, k, v, gm = cpu_case(2, heads[0], heads[1], S_ODD, 32, dtype, causal, window, "seven", layout)
     out = cuda_like_cpu(q, k, v, causal=causal, window=window, global_mask=gm)
     err, bound, _, ok = two_x_rule(out, q, k, v, causal=causal, window=window, global_mask=gm)
     assert ok, f"{err:.3e} > {bound:.3e}"
@@ -388,6 +391,35 @@ def test_gpu_gqa(heads, algorithm):
         return flashattn_ext.attention(*args, algorithm=algorithm, **kwargs)
 
     check_grads(attention, q, k, v, gm, True, (31, -1))
+
+
+@pytest.mark.requires_cuda_ext
+@pytest.mark.parametrize("algorithm", GPU_ALGORITHMS)
+def test_gpu_bshd_layout_and_deterministic(algorithm):
+    """(B, S, H, D) memory viewed as (B, H, S, D): out keeps q's layout; gradients under the 3x rule, and
+    deterministic=True gives bitwise equal gradients in two runs (not fa1: its GQA dk/dv use atomics)."""
+    need_family(algorithm, D_DEFAULT)
+    seed = seed_of("bshd", algorithm)
+    q, k, v = make_qkv(2, 8, 2, 300, 300, D_DEFAULT, BF16, DEVICE, "bshd", seed=seed)
+    gm = make_global_mask(2, 300, "seven", seed, DEVICE)
+    with torch.no_grad():
+        out = flashattn_ext.attention(q, k, v, window=(17, 5), global_mask=gm, algorithm=algorithm)
+    assert out.stride() == torch.empty_like(q).stride()
+    err, bound, _, ok = two_x_rule(out, q, k, v, window=(17, 5), global_mask=gm)
+    assert ok, f"{err:.3e} > {bound:.3e}"
+
+    def attention(*args, **kwargs):
+        return flashattn_ext.attention(*args, algorithm=algorithm, deterministic=True, **kwargs)
+
+    check_grads(attention, q, k, v, gm, False, (17, 5))
+    if algorithm == "fa1":
+        return
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, window=(17, 5), global_mask=gm)
+        runs.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 @pytest.mark.requires_cuda_ext
