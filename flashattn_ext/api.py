@@ -91,10 +91,10 @@ def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -
         global query sees every key; with ``causal=True`` both only for ``j <= i``. A bool mask costs one device
         synchronisation per call (the count of global tokens sizes the gathered tensors); a ``GlobalTokens`` built
         once costs none, so build it once and pass it to every layer. The windowed part runs on the kernels
-        (every family), the global parts with torch ops in float32 (work O(S * G) per head); ``out`` is then a new
-        contiguous tensor. Differentiable (out and lse). With no global token, or a window that already holds
-        every key a global token could add, it is exactly the call without ``global_mask``. docs/semantics.md
-        has the mask picture.
+        (every family), the global parts as GEMMs over the gathered global rows (work O(S * G) per head, float32
+        scores). Differentiable (out and lse). With no global token, or a window that already holds every key a
+        global token could add, it is exactly the call without ``global_mask``. docs/semantics.md has the mask
+        picture and the design.
 
     Empty inputs (B, Hq, Sq or Sk == 0) return empty / all-zero outputs without launching a kernel.
     Bad arguments raise TypeError / ValueError naming the argument, before any kernel runs (on CUDA the op's C++

@@ -3,17 +3,19 @@
 Query i sees key j iff j is inside i's window, or j is global, or i is global (both global directions limited to
 j <= i when causal). The result is assembled from three disjoint key sets per row, merged by log-sum-exp:
 
-    L  every row against the keys inside its window: the existing kernels (any family), return_lse=True.
+    L  every row against the keys inside its window: the existing kernels (any family), with lse.
     G  every non-global row against the global keys outside its window: the few global K/V rows gathered into an
-       "extra key tile" (B, Hkv, G, D) and attended with torch ops in float32, (S, G) scores per head.
-    D  every global row against the keys outside its window: the few global query rows gathered and attended
-       densely against all keys with torch ops in float32, (G, S) scores per head.
+       "extra key tile" (B, Hkv, G, D); (S, G) float32 scores per head from one GEMM.
+    D  every global row against the keys outside its window: the few global query rows gathered; (G, S) float32
+       scores per head from one GEMM against all keys.
 
     non-global row: merge(L, G)        global row: merge(L, D)
 
 The sets never overlap (a global key inside the window is L's, not G's), so every visible key is counted once.
-Gradients come from autograd: L's through the kernels' backward (which takes dout and dlse of the merged result),
-G and D through torch ops, whose work is O(S * G) per head. docs/semantics.md has the mask picture.
+One autograd.Function: the forward computes each row's final lse first and scales o_L into the output, and a GEMM
+accumulates P_G @ V_G into it; the backward gives every part its share from the final out and lse, as ring
+attention's blocks (flashattn_ext/distributed.py): the kernels' backward (with dlse) for L, GEMMs and scatter-adds
+for G and D, whose work is O(S * G) per head. docs/semantics.md has the mask picture and the reasons.
 
 Finding the global positions in a bool mask needs their count on the host: ``global_tokens(mask)`` reads it once
 (one device sync) and returns a ``GlobalTokens`` that every layer can reuse without another sync.
