@@ -240,16 +240,7 @@ def _global_forward(q, k, v, tokens, spec):
     Hkv, G, idx = k.shape[1], tokens.max_count, tokens.index
     group = Hq // Hkv
     o_l, lse_l = _window_forward(q, k, v, spec)
-    # Non-global rows: L merged with G. The row's lse first, then out = w_L * o_L + P_G @ V_G in one GEMM that
-    # accumulates into the scaled o_L (no float32 copy of the output).
-    kg, vg = _gather_rows(k, idx), _gather_rows(v, idx)
-    p_g = _key_scores(q, kg, tokens, spec)
-    lse = torch.logaddexp(lse_l, _logsumexp(p_g).view(B, Hq, S))
-    _probs_(p_g, lse.view(B, Hkv, group, S))
-    out = torch.empty_like(o_l)
-    torch.mul(o_l, _weight(lse_l, lse).unsqueeze(-1), out=out)  # computed in float32, stored in out's dtype
-    _add_bmm_(out, p_g.view(B * Hkv, group * S, G), vg.reshape(B * Hkv, G, D))
-    # Global rows: L merged with D, on the gathered rows, then written over those rows.
+    # Global rows: L merged with D, on the gathered rows (written over those rows of the output at the end).
     qg = _gather_rows(q, idx)
     p_d = _row_scores(qg, k, tokens, spec)
     lse_lr = _gather_stat(lse_l, idx)
@@ -257,6 +248,15 @@ def _global_forward(q, k, v, tokens, spec):
     _probs_(p_d, lse_r.view(B, Hkv, group, G))
     o_r = _gather_rows(o_l, idx).to(p_d.dtype) * _weight(lse_lr, lse_r).unsqueeze(-1)
     o_r += _bmm32(p_d.view(B * Hkv, group * G, S).to(v.dtype), v.reshape(B * Hkv, S, D)).view(B, Hq, G, D)
+    del p_d
+    # Non-global rows: L merged with G. The row's lse first, then out = w_L * o_L + P_G @ V_G: o_L scaled in place
+    # (float32 math, stored in its dtype) and one GEMM accumulating into it; no float32 copy of the output.
+    kg, vg = _gather_rows(k, idx), _gather_rows(v, idx)
+    p_g = _key_scores(q, kg, tokens, spec)
+    lse = torch.logaddexp(lse_l, _logsumexp(p_g).view(B, Hq, S))
+    _probs_(p_g, lse.view(B, Hkv, group, S))
+    out = o_l.mul_(_weight(lse_l, lse).unsqueeze(-1))
+    _add_bmm_(out, p_g.view(B * Hkv, group * S, G), vg.reshape(B * Hkv, G, D))
     lse = lse.to(torch.float32)
     picked, rows = (tokens.flat_batch, tokens.flat_slot), (tokens.flat_batch, tokens.flat_pos)
     out.transpose(1, 2).index_put_(rows, o_r.transpose(1, 2)[picked].to(out.dtype))
