@@ -423,6 +423,28 @@ def test_gpu_bshd_layout_and_deterministic(algorithm):
 
 
 @pytest.mark.requires_cuda_ext
+@pytest.mark.parametrize("algorithm", GPU_ALGORITHMS)
+def test_gpu_over_nan_poisoned_memory(algorithm):
+    """Every buffer the call allocates (out, lse, gradients, the parts) comes from blocks the caching allocator
+    just saw filled with NaN: anything left unwritten shows up as NaN."""
+    q, k, v, gm = gpu_case(2, 8, 2, 1025, D_DEFAULT, BF16, True, (17, -1), "seven", algorithm)
+    tokens = global_tokens(gm)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    poison = [torch.full_like(t, float("nan")) for t in (q, q, q, k, k, k, v, v)]
+    poison += [torch.full(q.shape[:3], float("nan"), device=DEVICE) for _ in range(4)]
+    del poison
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse = flashattn_ext.attention(*leaves, causal=True, window=(17, -1), global_mask=tokens, return_lse=True,
+                                       algorithm=algorithm)
+    grads = torch.autograd.grad((out, lse), leaves, (torch.ones_like(out), torch.ones_like(lse)))
+    for name, t in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)):
+        assert not torch.isnan(t).any(), f"{name} has NaN"
+    err, bound, _, ok = two_x_rule(out.detach(), q, k, v, causal=True, window=(17, -1), global_mask=gm)
+    assert ok, f"{err:.3e} > {bound:.3e}"
+
+
+@pytest.mark.requires_cuda_ext
 def test_gpu_global_tokens_call_does_not_sync():
     """The bool mask syncs once (in global_tokens); a GlobalTokens built beforehand makes forward and backward
     sync-free."""
