@@ -234,7 +234,7 @@ def main(argv=None):
     print_tables(rows)
     os.makedirs(args.out, exist_ok=True)
     report.write_json(os.path.join(args.out, "window_results.json"),
-                      {"env": env, "args": {k: v for k, v in vars(args).items()}, "shape": {"B": B, "H": H, "D": D},
+                      {"env": env, "args": vars(args), "shape": {"B": B, "H": H, "D": D},
                        "rows": rows, "growth": [{"series": list(k), "points": v} for k, v in growth(rows).items()]})
     for d in ("fwd", "bwd"):
         report.plot_bars(os.path.join(args.out, f"window_{d}_ms.png"), [r["label"] for r in rows],
