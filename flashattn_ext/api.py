@@ -3,6 +3,7 @@ is validated here and runs the pure-PyTorch reference."""
 import torch
 
 from . import _ops, validate
+from .global_tokens import Spec, adds_nothing, global_attention, resolve_global_tokens
 from .reference import attention_reference, effective_window
 
 
@@ -38,7 +39,7 @@ def resolve_algorithm(algorithm="auto", device=None, head_dim=128):
 
 
 def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -1), algorithm="auto",
-              deterministic=False):
+              deterministic=False, global_mask=None):
     """FlashAttention forward: ``softmax(q @ k^T * scale + mask) @ v``.
 
     Args:
@@ -84,11 +85,25 @@ def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -
         float32 contiguous, natural log: ``lse[b, h, i] = log(sum_j exp(scale * q_i . k_j))`` over visible
         keys, -inf for a row that sees no key.
 
+    global_mask: Longformer global tokens (self-attention only, ``Sq == Sk``): a (B, Sk) bool tensor on q's device
+        (Longformer's ``global_attention_mask``, True = global) or the ``GlobalTokens`` that
+        ``flashattn_ext.global_tokens(mask)`` made from one. Query ``i`` then also sees every global key, and a
+        global query sees every key; with ``causal=True`` both only for ``j <= i``. A bool mask costs one device
+        synchronisation per call (the count of global tokens sizes the gathered tensors); a ``GlobalTokens`` built
+        once costs none, so build it once and pass it to every layer. The windowed part runs on the kernels
+        (every family), the global parts as GEMMs over the gathered global rows (work O(S * G) per head, float32
+        scores). Differentiable (out and lse). With no global token, or a window that already holds every key a
+        global token could add, it is exactly the call without ``global_mask``. docs/semantics.md has the mask
+        picture and the design.
+
     Empty inputs (B, Hq, Sq or Sk == 0) return empty / all-zero outputs without launching a kernel.
     Bad arguments raise TypeError / ValueError naming the argument, before any kernel runs (on CUDA the op's C++
     checks raise them, so raw-op and torch.compile callers see the same errors). No call synchronises with the
     GPU.
     """
+    if global_mask is not None:
+        return _attention_with_globals(q, k, v, causal, scale, return_lse, window, algorithm, deterministic,
+                                       global_mask)
     if _ops.HAS_CUDA_EXT and isinstance(q, torch.Tensor) and q.is_cuda:
         # The hot path: the op checks tensors (shapes, dtypes, layout, device, head dim) in C++ with the same
         # errors as validate.py, picks the kernel family, and handles empty inputs. Python checks only the
@@ -104,4 +119,19 @@ def attention(q, k, v, causal=False, scale=None, return_lse=False, window=(-1, -
     left, right = kernel_window(causal, window, q.shape[2], k.shape[2])
     ref, lse = attention_reference(q, k, v, scale=scale, window=(left, right), return_lse=True)
     out = torch.empty_like(q).copy_(ref)  # same layout contract as the CUDA op; copy_ is differentiable
+    return (out, lse) if return_lse else out
+
+
+def _attention_with_globals(q, k, v, causal, scale, return_lse, window, algorithm, deterministic, global_mask):
+    """attention() with Longformer global tokens (flashattn_ext/global_tokens.py). Every argument is checked here,
+    the mask last, before any kernel runs."""
+    scale = validate.validate_attention_args(q, k, v, causal, scale, window, return_lse)
+    validate.check_bool(deterministic, "deterministic")
+    validate.check_algorithm(algorithm)
+    tokens = resolve_global_tokens(global_mask, q, k)
+    left, right = kernel_window(causal, window, q.shape[2], k.shape[2])
+    if q.numel() == 0 or adds_nothing(tokens, causal, left, right):
+        return attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse, window=window,
+                         algorithm=algorithm, deterministic=deterministic)
+    out, lse = global_attention(q, k, v, tokens, Spec(scale, causal, left, right, algorithm, deterministic))
     return (out, lse) if return_lse else out

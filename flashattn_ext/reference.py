@@ -30,13 +30,11 @@ def effective_window(causal, window=(-1, -1)):
     return left, right
 
 
-def visible_mask(Sq, Sk, causal=False, window=(-1, -1), device=None):
-    """Bool (Sq, Sk): True where query i may attend to key j."""
-    left, right = effective_window(causal, window)
-    i = torch.arange(Sq, device=device).unsqueeze(1)
-    j = torch.arange(Sk, device=device).unsqueeze(0)
-    p = i + (Sk - Sq)
-    mask = torch.ones(Sq, Sk, dtype=torch.bool, device=device)
+def in_window(p, j, left, right):
+    """Bool, broadcast of integer tensors p (query positions) and j (key positions): j inside the window (left,
+    right) around p, -1 = unbounded. The one statement of the window rule in Python (visible_mask, the global-token
+    masks of flashattn_ext.global_tokens)."""
+    mask = torch.ones(torch.broadcast_shapes(p.shape, j.shape), dtype=torch.bool, device=p.device)
     if left >= 0:
         mask &= j >= p - left
     if right >= 0:
@@ -44,13 +42,39 @@ def visible_mask(Sq, Sk, causal=False, window=(-1, -1), device=None):
     return mask
 
 
-def attention_reference(q, k, v, causal=False, scale=None, window=(-1, -1), return_lse=False, upcast=True):
+def visible_mask(Sq, Sk, causal=False, window=(-1, -1), device=None, global_mask=None):
+    """Bool (Sq, Sk): True where query i may attend to key j.
+
+    With ``global_mask`` ((B, Sk) bool, self-attention Sq == Sk) the result is (B, Sq, Sk): query i also sees every
+    global key j and a global query sees every key, both limited to ``j <= i`` when causal (Longformer's global
+    attention; docs/semantics.md)."""
+    left, right = effective_window(causal, window)
+    i = torch.arange(Sq, device=device).unsqueeze(1)
+    j = torch.arange(Sk, device=device).unsqueeze(0)
+    mask = in_window(i + (Sk - Sq), j, left, right)
+    if global_mask is None:
+        return mask
+    if Sq != Sk or global_mask.dim() != 2 or global_mask.shape[1] != Sk:
+        raise ValueError(f"global_mask must be (batch, {Sk}) for self-attention (Sq == Sk), got Sq={Sq} and "
+                         f"global_mask of shape {tuple(global_mask.shape)}")
+    g = global_mask.to(device=device, dtype=torch.bool)
+    either_global = g.unsqueeze(1) | g.unsqueeze(2)  # (B, Sq, Sk): key j global or query i global
+    if causal:
+        either_global = either_global & (j <= i)
+    return mask | either_global
+
+
+def attention_reference(q, k, v, causal=False, scale=None, window=(-1, -1), return_lse=False, upcast=True,
+                        global_mask=None):
     """Reference attention. q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), Hq % Hkv == 0.
 
     upcast=True computes in float32 (float64 stays float64) and returns the input dtype, in O(S) extra memory
     (see the module docstring); upcast=False computes densely in the input dtype, the "low precision reference"
     of flash-attn's 2x error rule. lse is float32 (B, Hq, Sq), natural log of the scaled row sum.
     Differentiable, lse included.
+
+    global_mask: (B, Sk) bool, Longformer global tokens (``visible_mask``). This oracle builds the explicit
+    (B, Sq, Sk) mask and runs the dense formulation (in float32/float64 with upcast=True): O(S^2) memory, for tests.
     """
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -58,6 +82,11 @@ def attention_reference(q, k, v, causal=False, scale=None, window=(-1, -1), retu
         raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
     scale = D**-0.5 if scale is None else float(scale)
     left, right = effective_window(causal, window)
+    if global_mask is not None:
+        mask = visible_mask(Sq, Sk, causal, window, device=q.device, global_mask=global_mask).unsqueeze(1)
+        compute = q.dtype if not upcast else torch.promote_types(q.dtype, torch.float32)
+        res = _dense_attention(q.to(compute), k.to(compute), v.to(compute), scale, left, right, return_lse, mask)
+        return (res[0].to(q.dtype), res[1]) if return_lse else res.to(q.dtype)
     if not upcast:
         return _dense_attention(q, k, v, scale, left, right, return_lse)
     compute = torch.promote_types(q.dtype, torch.float32)
@@ -73,15 +102,17 @@ def attention_reference(q, k, v, causal=False, scale=None, window=(-1, -1), retu
     return (out, lse.to(torch.float32)) if return_lse else out
 
 
-def _dense_attention(q, k, v, scale, left, right, return_lse):
-    """The (Sq, Sk) formulation in the input dtype: the low-precision oracle."""
+def _dense_attention(q, k, v, scale, left, right, return_lse, mask=None):
+    """The (Sq, Sk) formulation in the input dtype: the low-precision oracle. mask: an explicit visibility mask
+    broadcastable to (B, Hq, Sq, Sk), replacing the window's."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if Hkv != Hq:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    mask = visible_mask(Sq, Sk, False, (left, right), device=q.device)
+    if mask is None:
+        mask = visible_mask(Sq, Sk, False, (left, right), device=q.device)
     row_sees_any = mask.any(dim=-1, keepdim=True)
     s = s.masked_fill(~mask, float("-inf"))
     # Fully masked rows: softmax of all -inf is NaN (and NaN grads); give them finite scores, zero them after.
@@ -183,6 +214,22 @@ class _BlockedAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         return (*_blocked_backward(q, k, v, out, lse, dout, dlse, ctx.scale, *ctx.window), None, None, None)
+
+
+def blocked_backward(dout, q, k, v, out, lse, scale, left, right, dlse=None):
+    """(dq, dk, dv) over the keys inside the window (left, right) (causal folded in), given the forward's out and
+    lse, in O(S) memory. When out and lse are those of attention over a larger key set that holds these keys,
+    the results are the window's share of the full gradients (as ``reference_bwd.attention_backward_reference``,
+    which is dense). q, k, v, dout, out: one float dtype; GQA: dk and dv summed over the query heads of a group."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    dq, dk, dv = _blocked_backward(q, k, v, out, lse, dout, dlse, scale, left, right)
+    if group > 1:
+        dk, dv = dk.view(B, Hkv, group, Sk, D).sum(2), dv.view(B, Hkv, group, Sk, D).sum(2)
+    return dq, dk, dv
 
 
 def _blocked_backward(q, k, v, out, lse, dout, dlse, scale, left, right):

@@ -22,7 +22,8 @@ BWD_SCHEMA = ("flashattn_ext::bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Ten
 def test_public_names():
     assert set(flashattn_ext.__all__) == {"attention", "attention_varlen", "build_info", "reference", "resolve_algorithm", "reset_sdpa_stats",
                                          "sdpa", "sdpa_stats", "sdpa_strict", "__version__",
-                                         "PagedKVCache", "DecodeWorkspace", "attention_with_kvcache", "merge_states"}
+                                         "PagedKVCache", "DecodeWorkspace", "attention_with_kvcache", "merge_states",
+                                         "GlobalTokens", "global_tokens"}
     assert callable(flashattn_ext.attention)
     assert flashattn_ext.reference.attention_reference is attention_reference
 
