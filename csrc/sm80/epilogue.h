@@ -43,19 +43,23 @@ __device__ __forceinline__ void stage_acc_f32(float* dst, int pitch, const float
           make_float2(acc[ni][2 * half], acc[ni][2 * half + 1]);
 }
 
-// Rows [row0, row0 + kRows) of a global (rows x D) matrix <- the staged Tile, in 16-byte chunks; rows at or past
-// row_limit are skipped. All kThreads threads of the block take part (SmemTile::load_async's mirror).
-template <int kThreads, typename Tile, typename T>
-__device__ __forceinline__ void store_tile_rows(uint32_t s, T* gmem, int64_t row_stride, int row0, int row_limit,
-                                                int tid) {
+// Rows [row0, row0 + kRows) of kN global (rows x D) matrices <- their staged Tiles s[i], in 16-byte chunks; rows
+// at or past row_limit are skipped. All kThreads threads of the block take part (SmemTile::load_async's mirror).
+// Several outputs of the same rows (dK and dV) share one loop: its index and bound arithmetic is paid once.
+template <int kThreads, typename Tile, typename T, int kN>
+__device__ __forceinline__ void store_tile_rows(const uint32_t (&s)[kN], T* const (&gmem)[kN],
+                                                const int64_t (&row_stride)[kN], int row0, int row_limit, int tid) {
 #pragma unroll
   for (int i = tid; i < Tile::kChunks; i += kThreads) {
     const int r = i / Tile::kChunksPerRow, c = (i % Tile::kChunksPerRow) * 8;
     if (row0 + r < row_limit) {
-      uint4 val;
-      asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
-                   : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w) : "r"(Tile::addr(s, r, c)));
-      *reinterpret_cast<uint4*>(gmem + (row0 + r) * row_stride + c) = val;
+      uint4 val[kN];
+#pragma unroll
+      for (int j = 0; j < kN; ++j)
+        asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(val[j].x), "=r"(val[j].y), "=r"(val[j].z), "=r"(val[j].w) : "r"(Tile::addr(s[j], r, c)));
+#pragma unroll
+      for (int j = 0; j < kN; ++j) *reinterpret_cast<uint4*>(gmem[j] + (row0 + r) * row_stride[j] + c) = val[j];
     }
   }
 }
