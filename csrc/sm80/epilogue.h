@@ -36,9 +36,9 @@ template <int kNT>
 __device__ __forceinline__ void stage_acc_f32(float* dst, int pitch, const float (&acc)[kNT][4], int lane) {
   const int g = lane / 4, t = lane % 4;
 #pragma unroll
-  for (int half = 0; half < 2; ++half)
+  for (int ni = 0; ni < kNT; ++ni)
 #pragma unroll
-    for (int ni = 0; ni < kNT; ++ni)
+    for (int half = 0; half < 2; ++half)
       *reinterpret_cast<float2*>(dst + (g + half * 8) * pitch + ni * 8 + 2 * t) =
           make_float2(acc[ni][2 * half], acc[ni][2 * half + 1]);
 }
