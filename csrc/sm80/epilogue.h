@@ -43,7 +43,7 @@ __device__ __forceinline__ void stage_acc_f32(float* dst, int pitch, const float
           make_float2(acc[ni][2 * half], acc[ni][2 * half + 1]);
 }
 
-// Rows [row0, row0 + kRows) of kN global (rows x D) matrices <- their staged Tiles s[i], in 16-byte chunks; rows
+// Rows [row0, row0 + Tile rows) of kN global (rows x D) matrices <- their staged Tiles s[i], in 16-byte chunks; rows
 // at or past row_limit are skipped. All kThreads threads of the block take part (SmemTile::load_async's mirror).
 // Several outputs of the same rows (dK and dV) share one loop: its index and bound arithmetic is paid once.
 template <int kThreads, typename Tile, typename T, int kN>
@@ -62,6 +62,12 @@ __device__ __forceinline__ void store_tile_rows(const uint32_t (&s)[kN], T* cons
       for (int j = 0; j < kN; ++j) *reinterpret_cast<uint4*>(gmem[j] + (row0 + r) * row_stride[j] + c) = val[j];
     }
   }
+}
+// One output.
+template <int kThreads, typename Tile, typename T>
+__device__ __forceinline__ void store_tile_rows(uint32_t s, T* gmem, int64_t row_stride, int row0, int row_limit,
+                                                int tid) {
+  store_tile_rows<kThreads, Tile, T, 1>({s}, {gmem}, {row_stride}, row0, row_limit, tid);
 }
 
 }  // namespace fae

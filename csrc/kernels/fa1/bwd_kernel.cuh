@@ -23,7 +23,6 @@
 #include "../../common/mask.h"
 #include "../../common/params.h"
 #include "../../common/seqlen.h"
-#include "../../sm80/epilogue.h"
 #include "../../sm80/ptx.h"
 #include "../../sm80/smem_tile.h"
 #include "../../sm80/warp_gemm.h"
