@@ -43,31 +43,39 @@ __device__ __forceinline__ void stage_acc_f32(float* dst, int pitch, const float
           make_float2(acc[ni][2 * half], acc[ni][2 * half + 1]);
 }
 
-// Rows [row0, row0 + Tile rows) of kN global (rows x D) matrices <- their staged Tiles s[i], in 16-byte chunks; rows
-// at or past row_limit are skipped. All kThreads threads of the block take part (SmemTile::load_async's mirror).
-// Several outputs of the same rows (dK and dV) share one loop: its index and bound arithmetic is paid once.
-template <int kThreads, typename Tile, typename T, int kN>
-__device__ __forceinline__ void store_tile_rows(const uint32_t (&s)[kN], T* const (&gmem)[kN],
-                                                const int64_t (&row_stride)[kN], int row0, int row_limit, int tid) {
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+
+// One output of store_tile_rows: the staged tile, the global matrix and its row stride. The stride is held by
+// reference so a kernel parameter stays in parameter space: a copy would pin 2 registers per output for the
+// whole store loop (spills in the D256 dK/dV kernel).
+template <typename T>
+struct TileOut {
+  uint32_t smem;
+  T* gmem;
+  const int64_t& row_stride;
+};
+
+// Rows [row0, row0 + Tile rows) of each output's global (rows x D) matrix <- its staged Tile, in 16-byte
+// chunks; rows at or past row_limit are skipped. All kThreads threads of the block take part (the mirror of
+// SmemTile::load_async). Several outputs of the same rows (dK and dV) share one loop: its index and bound
+// arithmetic is paid once.
+template <int kThreads, typename Tile, typename... Outs>
+__device__ __forceinline__ void store_tile_rows(int row0, int row_limit, int tid, const Outs&... outs) {
 #pragma unroll
   for (int i = tid; i < Tile::kChunks; i += kThreads) {
     const int r = i / Tile::kChunksPerRow, c = (i % Tile::kChunksPerRow) * 8;
     if (row0 + r < row_limit) {
-      uint4 val[kN];
-#pragma unroll
-      for (int j = 0; j < kN; ++j)
-        asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(val[j].x), "=r"(val[j].y), "=r"(val[j].z), "=r"(val[j].w) : "r"(Tile::addr(s[j], r, c)));
-#pragma unroll
-      for (int j = 0; j < kN; ++j) *reinterpret_cast<uint4*>(gmem[j] + (row0 + r) * row_stride[j] + c) = val[j];
+      uint4 val[sizeof...(Outs)];
+      int j = 0;
+      ((val[j++] = ld_shared_v4(Tile::addr(outs.smem, r, c))), ...);
+      j = 0;
+      ((*reinterpret_cast<uint4*>(outs.gmem + (row0 + r) * outs.row_stride + c) = val[j++]), ...);
     }
   }
-}
-// One output.
-template <int kThreads, typename Tile, typename T>
-__device__ __forceinline__ void store_tile_rows(uint32_t s, T* gmem, int64_t row_stride, int row0, int row_limit,
-                                                int tid) {
-  store_tile_rows<kThreads, Tile, T, 1>({s}, {gmem}, {row_stride}, row0, row_limit, tid);
 }
 
 }  // namespace fae

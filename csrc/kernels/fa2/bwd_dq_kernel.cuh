@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dq_kernel(const __gri
   stage_acc<T, QTile>(sQ, warp * Tr::kWarpRows, 0, acc_dq, lane, [=](int, int) { return scale; });
   __syncthreads();
   T* dq = seq.q_side(static_cast<T*>(p.dq), p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride, h);
-  store_tile_rows<Tr::kThreads, QTile>(sQ, dq, p.dq_row_stride, m0, seq.seqlen_q, tid);
+  store_tile_rows<Tr::kThreads, QTile>(m0, seq.seqlen_q, tid, TileOut<T>{sQ, dq, p.dq_row_stride});
 }
 
 }  // namespace fae

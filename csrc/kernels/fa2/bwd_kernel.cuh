@@ -248,8 +248,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dkdv_kernel(const __g
   __syncthreads();
   T* dk = seq.k_side(static_cast<T*>(p.dk), p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride, hk);
   T* dv = seq.k_side(static_cast<T*>(p.dv), p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride, hk);
-  store_tile_rows<Tr::kThreads, KVTile, T, 2>({sK, sV}, {dk, dv}, {p.dk_row_stride, p.dv_row_stride}, n0,
-                                              seq.seqlen_k, tid);
+  store_tile_rows<Tr::kThreads, KVTile>(n0, seq.seqlen_k, tid, TileOut<T>{sK, dk, p.dk_row_stride},
+                                        TileOut<T>{sV, dv, p.dv_row_stride});
 }
 
 }  // namespace fae

@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
     }
   stage_acc<T, QTile>(sQ, warp * Tr::kWarpRows, 0, acc_o, lane, [&](int mi, int half) { return inv[mi][half]; });
   __syncthreads();
-  store_tile_rows<Tr::kThreads, QTile>(sQ, o, p.o_row_stride, m0, seq.seqlen_q, tid);
+  store_tile_rows<Tr::kThreads, QTile>(m0, seq.seqlen_q, tid, TileOut<T>{sQ, o, p.o_row_stride});
 }
 
 }  // namespace fae
