@@ -26,19 +26,16 @@ __device__ __forceinline__ void zero_acc(float (&acc)[kMT][kNT][4]) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
 }
-template <int kNT>
-__device__ __forceinline__ void zero_acc(float (&acc)[kNT][4]) {
-#pragma unroll
-  for (int ni = 0; ni < kNT; ++ni)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[ni][e] = 0.f;
-}
 
 // A warp that owns a single m-tile keeps [kNT][4] arrays; this views one as the [1][kNT][4] the loops take
 // (same registers: after inlining the cast is free).
 template <typename E, int kN>
 __device__ __forceinline__ E (&one_mtile(E (&x)[kN][4]))[1][kN][4] {
   return *reinterpret_cast<E(*)[1][kN][4]>(&x);
+}
+template <int kNT>
+__device__ __forceinline__ void zero_acc(float (&acc)[kNT][4]) {
+  zero_acc(one_mtile(acc));
 }
 
 // The accumulators of two adjacent 8-column n-tiles (lo, hi) are exactly the A fragment of one k16 step with
