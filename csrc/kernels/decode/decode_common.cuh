@@ -28,8 +28,10 @@
 #include "../../common/params.h"
 #include "../../common/seqlen.h"
 #include "../../common/softmax.h"
+#include "../../sm80/epilogue.h"
 #include "../../sm80/ptx.h"
 #include "../../sm80/smem_tile.h"
+#include "../../sm80/warp_gemm.h"
 
 namespace fae {
 

@@ -150,10 +150,7 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
 
   // Per thread: O rows (g, g + 8) of the m-tile, for this warp's keys; their softmax states.
   float acc_o[kDT][4];
-#pragma unroll
-  for (int di = 0; di < kDT; ++di)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_o[di][e] = 0.f;
+  zero_acc(acc_o);
   SoftmaxState state[2];
   state[0].init();
   state[1].init();
@@ -210,7 +207,7 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
   uint32_t qa[kD / 16][4];
   if (n_tiles > 0) {
 #pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) ldmatrix_x4(qa[kk], QTile::addr(sQ, lane & 15, kk * 16 + (lane >> 4) * 8));
+    for (int kk = 0; kk < kD / 16; ++kk) load_a<QTile>(qa[kk], sQ, 0, kk * 16, lane);
   }
 
   int stage = 0;
@@ -222,18 +219,9 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
     if constexpr (!Tr::kBulk) __syncthreads();
     const uint32_t sK = sRing + 2 * stage * KVTile::kBytes, sV = sK + KVTile::kBytes;
     const int wrow = warp * kWarpN;  // this warp's first key row in the tile
-    float acc_s[2][4];
-#pragma unroll
-    for (int ni = 0; ni < 2; ++ni)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_s[ni][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      uint32_t bk[4];  // b0, b1 of key tiles 0 and 1 of this warp's 16 keys
-      ldmatrix_x4(bk, KVTile::addr(sK, wrow + (lane & 7) + ((lane >> 4) << 3), kk * 16 + ((lane >> 3) & 1) * 8));
-      mma_16816<T>(acc_s[0], qa[kk], bk[0], bk[1]);
-      mma_16816<T>(acc_s[1], qa[kk], bk[2], bk[3]);
-    }
+    float acc_s[2][4];  // key tiles 0 and 1 of this warp's 16 keys
+    zero_acc(acc_s);
+    gemm_rbt<T, KVTile>(one_mtile(acc_s), one_mtile(qa), sK, wrow, lane);
 
     const int c0 = tile * kBlockN + wrow;
     if (!mask.tile_fully_visible(i_lo, i_end, c0, c0 + kWarpN)) {
@@ -272,18 +260,9 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
       for (int e = 0; e < 4; ++e) acc_o[di][e] *= factor[e >> 1];
 
     // The S accumulators of the two key tiles are the A operand of one k16 step of P V.
-    uint32_t pf[4];
-    pf[0] = pack2<T>(acc_s[0][0], acc_s[0][1]);
-    pf[1] = pack2<T>(acc_s[0][2], acc_s[0][3]);
-    pf[2] = pack2<T>(acc_s[1][0], acc_s[1][1]);
-    pf[3] = pack2<T>(acc_s[1][2], acc_s[1][3]);
-#pragma unroll
-    for (int dp = 0; dp < kDT / 2; ++dp) {
-      uint32_t bv[4];  // b0, b1 of output column tiles 2dp and 2dp + 1
-      ldmatrix_x4_trans(bv, KVTile::addr(sV, wrow + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 16 + (lane >> 4) * 8));
-      mma_16816<T>(acc_o[2 * dp], pf, bv[0], bv[1]);
-      mma_16816<T>(acc_o[2 * dp + 1], pf, bv[2], bv[3]);
-    }
+    uint32_t pf[1][1][4];
+    pack_a_frags<T>(pf, one_mtile(acc_s));
+    gemm_rb<T, KVTile>(one_mtile(acc_o), pf, sV, wrow, 0, lane);
     // Every warp is done with this stage: refill it at once with tile j + kStages (pages read one iteration
     // ago), so the whole ring is in flight while the block waits for tile j + 1; then read the pages of the
     // tile after that under the next tile's math.
@@ -301,6 +280,7 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
   float* sO = reinterpret_cast<float*>(smem + Tr::kBarBytes + QTile::kBytes);  // [warp][row][kOPitch]
   float* sM = sO + kWarps * kBlockM * Tr::kOPitch;              // [warp][row]
   float* sL = sM + kWarps * kBlockM;
+  stage_acc_f32(sO + warp * kBlockM * Tr::kOPitch, Tr::kOPitch, acc_o, lane);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     SoftmaxState& st = state[half];
@@ -311,10 +291,6 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
       sM[warp * kBlockM + rr] = st.m;
       sL[warp * kBlockM + rr] = st.l;
     }
-#pragma unroll
-    for (int di = 0; di < kDT; ++di)
-      *reinterpret_cast<float2*>(sO + (warp * kBlockM + rr) * Tr::kOPitch + di * 8 + 2 * t) =
-          make_float2(acc_o[di][2 * half], acc_o[di][2 * half + 1]);
   }
   __syncthreads();
 

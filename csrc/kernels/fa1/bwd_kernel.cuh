@@ -25,6 +25,7 @@
 #include "../../common/seqlen.h"
 #include "../../sm80/ptx.h"
 #include "../../sm80/smem_tile.h"
+#include "../../sm80/warp_gemm.h"
 #include "fwd_kernel.cuh"  // Fa1Schedule
 
 namespace fae {
@@ -148,10 +149,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa1_bwd_kernel(const __grid_c
   while (more) {  // outer loop: K/V tile j
     const int n0 = j * kBlockN;
     float acc_dk[kWDT][4], acc_dv[kWDT][4];
-#pragma unroll
-    for (int di = 0; di < kWDT; ++di)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dk[di][e] = 0.f, acc_dv[di][e] = 0.f;
+    zero_acc(acc_dk);
+    zero_acc(acc_dv);
 
     int nj = j;
     do {  // inner loop: the query tiles i that see a key of tile j
@@ -217,44 +216,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa1_bwd_kernel(const __grid_c
 
       // acc (this warp's 16 keys x kBlockM queries) = A-tile rows (keys) . B-tile rows (queries), k over D.
       auto keys_times_rows = [&](float (&acc)[kQT][4], uint32_t sA, uint32_t sB) {
-#pragma unroll
-        for (int qi = 0; qi < kQT; ++qi)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[qi][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk) {
-          uint32_t a[4];
-          ldmatrix_x4(a, KVTile::addr(sA, kw0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-          for (int np = 0; np < kQT / 2; ++np) {
-            uint32_t bq[4];  // b0, b1 of query tiles 2np and 2np+1
-            ldmatrix_x4(bq, QTile::addr(sB, np * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 16 + ((lane >> 3) & 1) * 8));
-            mma_16816<T>(acc[2 * np], a, bq[0], bq[1]);
-            mma_16816<T>(acc[2 * np + 1], a, bq[2], bq[3]);
-          }
-        }
-      };
-      // Accumulator (keys x queries) -> A fragments with k = queries (two 8-query tiles per k16 step).
-      auto pack_a = [&](uint32_t (&a)[kBlockM / 16][4], const float (&acc)[kQT][4]) {
-#pragma unroll
-        for (int kk = 0; kk < kBlockM / 16; ++kk) {
-          a[kk][0] = pack2<T>(acc[2 * kk][0], acc[2 * kk][1]);
-          a[kk][1] = pack2<T>(acc[2 * kk][2], acc[2 * kk][3]);
-          a[kk][2] = pack2<T>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
-          a[kk][3] = pack2<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
-        }
+        zero_acc(acc);
+        gemm_abt<T, KVTile, QTile, kD>(one_mtile(acc), sA, kw0, sB, 0, lane);
       };
       // acc (16 keys x this warp's D columns) += A (keys x queries) . X (queries x D), X rows from shared memory.
       auto accumulate_kv = [&](float (&acc)[kWDT][4], const uint32_t (&a)[kBlockM / 16][4], uint32_t sX) {
-#pragma unroll
-        for (int kk = 0; kk < kBlockM / 16; ++kk)
-#pragma unroll
-          for (int dp = 0; dp < kWDT / 2; ++dp) {
-            uint32_t bx[4];  // b0, b1 of column tiles 2dp and 2dp+1
-            ldmatrix_x4_trans(bx, QTile::addr(sX, kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, wd0 + dp * 16 + (lane >> 4) * 8));
-            mma_16816<T>(acc[2 * dp], a[kk], bx[0], bx[1]);
-            mma_16816<T>(acc[2 * dp + 1], a[kk], bx[2], bx[3]);
-          }
+        gemm_rb<T, QTile>(one_mtile(acc), one_mtile(a), sX, 0, wd0, lane);
       };
 
       // P^T = exp2(S^T * scale_log2 - lse_log2[query]); masked pairs (keys past the end included) are 0.
@@ -270,8 +237,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa1_bwd_kernel(const __grid_c
           if (need_mask && !mask.visible(m0 + ql, n0 + kw0 + g + (e >= 2) * 8)) pe = 0.f;
           acc_s[qi][e] = pe;
         }
-      uint32_t a_frag[kBlockM / 16][4];
-      pack_a(a_frag, acc_s);
+      uint32_t a_frag[kBlockM / 16][4];  // accumulator (keys x queries) -> A operands with k = queries
+      pack_a_frags<T>(one_mtile(a_frag), one_mtile(acc_s));
       accumulate_kv(acc_dv, a_frag, sdO);  // dV_j += P^T dO_i
 
       // dS^T = P^T * (dP^T - D[query]) with dP^T = V_j dO_i^T; scale is applied to dK and dQ when written.
@@ -281,7 +248,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa1_bwd_kernel(const __grid_c
       for (int qi = 0; qi < kQT; ++qi)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_dp[qi][e] = acc_s[qi][e] * (acc_dp[qi][e] - s_delta[qi * 8 + 2 * t + (e & 1)]);
-      pack_a(a_frag, acc_dp);
+      pack_a_frags<T>(one_mtile(a_frag), one_mtile(acc_dp));
       accumulate_kv(acc_dk, a_frag, sQ);  // dK_j += dS^T Q_i
 
       if (ds_writer) {  // the packed dS^T (same values as the dK operand) -> shared memory
@@ -301,20 +268,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa1_bwd_kernel(const __grid_c
 #pragma unroll
       for (int u = 0; u < kUPW; ++u) {
         const int unit = warp + u * kWarps, mt = unit / (kD / 16), dc = unit % (kD / 16);
-#pragma unroll
-        for (int n = 0; n < 2; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc_dq[u][n][e] = 0.f;
-        if (unit < Tr::kDqUnits) {  // warp-uniform
-#pragma unroll
-          for (int kk = 0; kk < kBlockN / 16; ++kk) {
-            uint32_t a[4], bk[4];
-            ldmatrix_x4_trans(a, DsTile::addr(sDs, kk * 16 + (lane & 7) + (lane >> 4) * 8, mt * 16 + ((lane >> 3) & 1) * 8));
-            ldmatrix_x4_trans(bk, KVTile::addr(sK, kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dc * 16 + (lane >> 4) * 8));
-            mma_16816<T>(acc_dq[u][0], a, bk[0], bk[1]);
-            mma_16816<T>(acc_dq[u][1], a, bk[2], bk[3]);
-          }
-        }
+        zero_acc(acc_dq[u]);
+        if (unit < Tr::kDqUnits)  // warp-uniform
+          gemm_atb<T, DsTile, KVTile, kBlockN>(one_mtile(acc_dq[u]), sDs, mt * 16, sK, dc * 16, lane);
       }
 
       // dQ_i back to global memory: fp32 accumulator, or, at the tile's last visit, dq = scale * dQ_i.

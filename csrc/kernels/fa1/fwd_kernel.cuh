@@ -14,8 +14,10 @@
 #include "../../common/mask.h"
 #include "../../common/params.h"
 #include "../../common/seqlen.h"
+#include "../../sm80/epilogue.h"
 #include "../../sm80/ptx.h"
 #include "../../sm80/smem_tile.h"
+#include "../../sm80/warp_gemm.h"
 #include "../../common/softmax.h"
 
 namespace fae {
@@ -181,22 +183,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa1_fwd_kernel(const __grid_c
 
     // S = Q K^T for all 16 rows against this warp's keys.
     float acc_s[kNT][4];
-#pragma unroll
-    for (int ni_ = 0; ni_ < kNT; ++ni_)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_s[ni_][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, QTile::addr(sQ, lane & 15, kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-      for (int np = 0; np < kNT / 2; ++np) {
-        uint32_t bk[4];  // b0, b1 of key tiles 2np and 2np+1
-        ldmatrix_x4(bk, KVTile::addr(sK, kw0 + np * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 16 + ((lane >> 3) & 1) * 8));
-        mma_16816<T>(acc_s[2 * np], a, bk[0], bk[1]);
-        mma_16816<T>(acc_s[2 * np + 1], a, bk[2], bk[3]);
-      }
-    }
+    zero_acc(acc_s);
+    gemm_abt<T, QTile, KVTile, kD>(one_mtile(acc_s), sQ, 0, sK, kw0, lane);
     if (!mask.tile_fully_visible(r0, r0 + kBlockM, n0 + kw0, n0 + kw0 + kWarpKeys)) {
 #pragma unroll
       for (int ni_ = 0; ni_ < kNT; ++ni_)
@@ -250,31 +238,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa1_fwd_kernel(const __grid_c
 
     // Partial P~ V over this warp's keys (S accumulators of two key tiles = A operand of one k16 step).
     float acc_o[kDT][4];
-#pragma unroll
-    for (int di = 0; di < kDT; ++di)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_o[di][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kWarpKeys / 16; ++kk) {
-      uint32_t pa[4];
-      pa[0] = pack2<T>(acc_s[2 * kk][0], acc_s[2 * kk][1]);
-      pa[1] = pack2<T>(acc_s[2 * kk][2], acc_s[2 * kk][3]);
-      pa[2] = pack2<T>(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
-      pa[3] = pack2<T>(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
-#pragma unroll
-      for (int dp = 0; dp < kDT / 2; ++dp) {
-        uint32_t bv[4];  // b0, b1 of output column tiles 2dp and 2dp+1
-        ldmatrix_x4_trans(bv, KVTile::addr(sV, kw0 + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 16 + (lane >> 4) * 8));
-        mma_16816<T>(acc_o[2 * dp], pa, bv[0], bv[1]);
-        mma_16816<T>(acc_o[2 * dp + 1], pa, bv[2], bv[3]);
-      }
-    }
-    float* my_red = red + warp * kBlockM * kRedPitch;
-#pragma unroll
-    for (int di = 0; di < kDT; ++di) {
-      *reinterpret_cast<float2*>(my_red + g * kRedPitch + di * 8 + 2 * t) = make_float2(acc_o[di][0], acc_o[di][1]);
-      *reinterpret_cast<float2*>(my_red + (g + 8) * kRedPitch + di * 8 + 2 * t) = make_float2(acc_o[di][2], acc_o[di][3]);
-    }
+    zero_acc(acc_o);
+    uint32_t pa[1][kWarpKeys / 16][4];
+    pack_a_frags<T>(pa, one_mtile(acc_s));
+    gemm_rb<T, KVTile>(one_mtile(acc_o), pa, sV, kw0, 0, lane);
+    stage_acc_f32(red + warp * kBlockM * kRedPitch, kRedPitch, acc_o, lane);
     __syncthreads();  // partial sums and partial O of every warp are in shared memory; K and V are free
     if (has_next && nj != j) load_kv(nj);
     cp_async_commit();

@@ -13,8 +13,10 @@
 #include "../../common/mask.h"
 #include "../../common/params.h"
 #include "../../common/seqlen.h"
+#include "../../sm80/epilogue.h"
 #include "../../sm80/ptx.h"
 #include "../../sm80/smem_tile.h"
+#include "../../sm80/warp_gemm.h"
 #include "../../common/tile_size.h"
 
 namespace fae {
@@ -85,12 +87,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dq_kernel(const __gri
     }
 
   float acc_dq[kMT][kDT][4];
-#pragma unroll
-  for (int mi = 0; mi < kMT; ++mi)
-#pragma unroll
-    for (int di = 0; di < kDT; ++di)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dq[mi][di][e] = 0.f;
+  zero_acc(acc_dq);
 
   auto load_kv = [&](int stage, int n_block) {
     const uint32_t sKs = sK0 + 2 * stage * KVTile::kBytes;
@@ -107,29 +104,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dq_kernel(const __gri
 
   // S = A B^T for this warp's rows, A (queries x D) and B (keys x D) both row-major tiles in shared memory.
   auto a_times_bt = [&](float (&acc)[kMT][kNT][4], uint32_t sA, uint32_t sB) {
-#pragma unroll
-    for (int mi = 0; mi < kMT; ++mi)
-#pragma unroll
-      for (int ni = 0; ni < kNT; ++ni)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      uint32_t a[kMT][4];
-#pragma unroll
-      for (int mi = 0; mi < kMT; ++mi)
-        ldmatrix_x4(a[mi], QTile::addr(sA, warp * Tr::kWarpRows + mi * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-      for (int np = 0; np < kNT / 2; ++np) {
-        uint32_t bk[4];
-        ldmatrix_x4(bk, KVTile::addr(sB, np * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 16 + ((lane >> 3) & 1) * 8));
-#pragma unroll
-        for (int mi = 0; mi < kMT; ++mi) {
-          mma_16816<T>(acc[mi][2 * np], a[mi], bk[0], bk[1]);
-          mma_16816<T>(acc[mi][2 * np + 1], a[mi], bk[2], bk[3]);
-        }
-      }
-    }
+    zero_acc(acc);
+    gemm_abt<T, QTile, KVTile, kD>(acc, sA, warp * Tr::kWarpRows, sB, 0, lane);
   };
 
   int stage = 0;
@@ -174,46 +150,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dq_kernel(const __gri
                                         acc_s[mi][ni][e0 + 1] * (acc_dp[mi][ni][e0 + 1] - d));
         }
 
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk)
-#pragma unroll
-      for (int dp = 0; dp < kDT / 2; ++dp) {
-        uint32_t bk[4];
-        ldmatrix_x4_trans(bk, KVTile::addr(sK, kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 16 + (lane >> 4) * 8));
-#pragma unroll
-        for (int mi = 0; mi < kMT; ++mi) {
-          mma_16816<T>(acc_dq[mi][2 * dp], ds_frag[mi][kk], bk[0], bk[1]);
-          mma_16816<T>(acc_dq[mi][2 * dp + 1], ds_frag[mi][kk], bk[2], bk[3]);
-        }
-      }
+    gemm_rb<T, KVTile>(acc_dq, ds_frag, sK, 0, 0, lane);
   }
   cp_async_wait<0>();
 
   // Epilogue: dQ * scale, staged in this warp's own rows of the Q tile (only it read them), 16-byte stores.
   __syncthreads();  // Q may still be in flight for blocks with no K/V tile: wait above, then publish
-#pragma unroll
-  for (int mi = 0; mi < kMT; ++mi)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = warp * Tr::kWarpRows + mi * 16 + g + half * 8;
-#pragma unroll
-      for (int di = 0; di < kDT; ++di) {
-        const uint32_t packed = pack2<T>(acc_dq[mi][di][2 * half] * p.scale, acc_dq[mi][di][2 * half + 1] * p.scale);
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(QTile::addr(sQ, r, di * 8 + 2 * t)), "r"(packed));
-      }
-    }
+  const float scale = p.scale;
+  stage_acc<T, QTile>(sQ, warp * Tr::kWarpRows, 0, acc_dq, lane, [=](int, int) { return scale; });
   __syncthreads();
   T* dq = seq.q_side(static_cast<T*>(p.dq), p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride, h);
-#pragma unroll
-  for (int i = tid; i < QTile::kChunks; i += Tr::kThreads) {
-    const int r = i / QTile::kChunksPerRow, c = (i % QTile::kChunksPerRow) * 8;
-    if (m0 + r < seq.seqlen_q) {
-      uint4 val;
-      asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
-                   : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w) : "r"(QTile::addr(sQ, r, c)));
-      *reinterpret_cast<uint4*>(dq + (m0 + r) * p.dq_row_stride + c) = val;
-    }
-  }
+  store_tile_rows<Tr::kThreads, QTile>(m0, seq.seqlen_q, tid, TileOut<T>{sQ, dq, p.dq_row_stride});
 }
 
 }  // namespace fae

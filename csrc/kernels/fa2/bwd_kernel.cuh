@@ -19,8 +19,10 @@
 #include "../../common/mask.h"
 #include "../../common/params.h"
 #include "../../common/seqlen.h"
+#include "../../sm80/epilogue.h"
 #include "../../sm80/ptx.h"
 #include "../../sm80/smem_tile.h"
+#include "../../sm80/warp_gemm.h"
 #include "../../common/tile_size.h"
 
 namespace fae {
@@ -100,12 +102,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dkdv_kernel(const __g
   const int num_iters = num_m * p.head_group;  // (query head of the group, query tile) pairs, head outermost
 
   float acc_dk[kKT][kWDT][4], acc_dv[kKT][kWDT][4];
-#pragma unroll
-  for (int ki = 0; ki < kKT; ++ki)
-#pragma unroll
-    for (int di = 0; di < kWDT; ++di)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dk[ki][di][e] = 0.f, acc_dv[ki][di][e] = 0.f;
+  zero_acc(acc_dk);
+  zero_acc(acc_dv);
 
   // Issue the loads of iteration `it` into `stage` (one cp.async group, committed by the caller).
   auto load_q_tile = [&](int stage, int it) {
@@ -152,57 +150,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dkdv_kernel(const __g
 
     // S^T = K Q^T for this warp's keys (rows) and all kBlockM queries (columns). Also dP^T = V dO^T.
     auto k_times_qt = [&](float (&acc)[kKT][kQT][4], uint32_t sA, uint32_t sB) {
-#pragma unroll
-      for (int ki = 0; ki < kKT; ++ki)
-#pragma unroll
-        for (int qi = 0; qi < kQT; ++qi)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[ki][qi][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        uint32_t a[kKT][4];
-#pragma unroll
-        for (int ki = 0; ki < kKT; ++ki)
-          ldmatrix_x4(a[ki], KVTile::addr(sA, warp_key0 + ki * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-        for (int np = 0; np < kQT / 2; ++np) {
-          uint32_t bq[4];  // b0, b1 of query tiles 2np and 2np+1
-          ldmatrix_x4(bq, QTile::addr(sB, np * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 16 + ((lane >> 3) & 1) * 8));
-#pragma unroll
-          for (int ki = 0; ki < kKT; ++ki) {
-            mma_16816<T>(acc[ki][2 * np], a[ki], bq[0], bq[1]);
-            mma_16816<T>(acc[ki][2 * np + 1], a[ki], bq[2], bq[3]);
-          }
-        }
-      }
+      zero_acc(acc);
+      gemm_abt<T, KVTile, QTile, kD>(acc, sA, warp_key0, sB, 0, lane);
     };
     // acc_dx[ki] += A[ki] (this warp's keys x kBlockM queries, packed) * X (kBlockM x this warp's D columns).
     auto accumulate_dkv = [&](float (&acc)[kKT][kWDT][4], const uint32_t (&a)[kKT][kBlockM / 16][4], uint32_t sX) {
-#pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk)
-#pragma unroll
-        for (int dp = 0; dp < kWDT / 2; ++dp) {
-          uint32_t bx[4];  // b0, b1 of column tiles 2dp and 2dp+1
-          ldmatrix_x4_trans(bx, QTile::addr(sX, kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
-                                            warp_d0 + dp * 16 + (lane >> 4) * 8));
-#pragma unroll
-          for (int ki = 0; ki < kKT; ++ki) {
-            mma_16816<T>(acc[ki][2 * dp], a[ki][kk], bx[0], bx[1]);
-            mma_16816<T>(acc[ki][2 * dp + 1], a[ki][kk], bx[2], bx[3]);
-          }
-        }
-    };
-    // Accumulator (keys x queries) -> A fragments with k = queries (two adjacent 8-query tiles per k16 step).
-    auto pack_a = [&](uint32_t (&a)[kKT][kBlockM / 16][4], const float (&acc)[kKT][kQT][4]) {
-#pragma unroll
-      for (int ki = 0; ki < kKT; ++ki)
-#pragma unroll
-        for (int kk = 0; kk < kBlockM / 16; ++kk) {
-          a[ki][kk][0] = pack2<T>(acc[ki][2 * kk][0], acc[ki][2 * kk][1]);
-          a[ki][kk][1] = pack2<T>(acc[ki][2 * kk][2], acc[ki][2 * kk][3]);
-          a[ki][kk][2] = pack2<T>(acc[ki][2 * kk + 1][0], acc[ki][2 * kk + 1][1]);
-          a[ki][kk][3] = pack2<T>(acc[ki][2 * kk + 1][2], acc[ki][2 * kk + 1][3]);
-        }
+      gemm_rb<T, QTile>(acc, a, sX, 0, warp_d0, lane);
     };
 
     float acc_s[kKT][kQT][4];
@@ -228,8 +181,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dkdv_kernel(const __g
         }
     }
 
-    uint32_t a_frag[kKT][kBlockM / 16][4];
-    pack_a(a_frag, acc_s);
+    uint32_t a_frag[kKT][kBlockM / 16][4];  // accumulator (keys x queries) -> A operands with k = queries
+    pack_a_frags<T>(a_frag, acc_s);
     accumulate_dkv(acc_dv, a_frag, sdO);  // dV += P^T dO
 
     float acc_dp[kKT][kQT][4];
@@ -245,7 +198,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dkdv_kernel(const __g
         for (int e = 0; e < 4; ++e)
           acc_dp[ki][qi][e] = acc_s[ki][qi][e] * (acc_dp[ki][qi][e] - ((e & 1) ? delta.y : delta.x));
     }
-    pack_a(a_frag, acc_dp);
+    pack_a_frags<T>(a_frag, acc_dp);
     accumulate_dkv(acc_dk, a_frag, sQ);  // dK += dS^T Q
 
     if constexpr (kAccumDq) {
@@ -267,31 +220,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dkdv_kernel(const __g
       // dQ (kBlockM x D) += dS K, this warp's (kDqMT*16 rows) x (kDqD columns) part, then fp32 atomics.
       const int wm = warp % Tr::kDqWarpsM, wd = warp / Tr::kDqWarpsM;
       float acc_dq[Tr::kDqMT][Tr::kDqDT][4];
-#pragma unroll
-      for (int mi = 0; mi < Tr::kDqMT; ++mi)
-#pragma unroll
-        for (int di = 0; di < Tr::kDqDT; ++di)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc_dq[mi][di][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        uint32_t a[Tr::kDqMT][4];  // dS rows (queries) from dS^T, transposed by ldmatrix
-#pragma unroll
-        for (int mi = 0; mi < Tr::kDqMT; ++mi)
-          ldmatrix_x4_trans(a[mi], DsTile::addr(sDs, kk * 16 + (lane & 7) + (lane >> 4) * 8,
-                                                (wm * Tr::kDqMT + mi) * 16 + ((lane >> 3) & 1) * 8));
-#pragma unroll
-        for (int dp = 0; dp < Tr::kDqDT / 2; ++dp) {
-          uint32_t bk[4];
-          ldmatrix_x4_trans(bk, KVTile::addr(sK, kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
-                                             wd * Tr::kDqD + dp * 16 + (lane >> 4) * 8));
-#pragma unroll
-          for (int mi = 0; mi < Tr::kDqMT; ++mi) {
-            mma_16816<T>(acc_dq[mi][2 * dp], a[mi], bk[0], bk[1]);
-            mma_16816<T>(acc_dq[mi][2 * dp + 1], a[mi], bk[2], bk[3]);
-          }
-        }
-      }
+      zero_acc(acc_dq);
+      // dS rows (queries) come from dS^T, transposed by ldmatrix.
+      gemm_atb<T, DsTile, KVTile, kBlockN>(acc_dq, sDs, wm * Tr::kDqMT * 16, sK, wd * Tr::kDqD, lane);
       float* dq = p.dq_accum + (bwd_row0(p, seq, h) + m0) * kD;
 #pragma unroll
       for (int mi = 0; mi < Tr::kDqMT; ++mi)
@@ -311,36 +242,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fa2_bwd_dkdv_kernel(const __g
   // Epilogue: dK *= scale; stage dK in the K tile and dV in the V tile (after every warp is done reading
   // them), then write 16-byte coalesced rows. Blocks whose keys no query sees write zeros.
   __syncthreads();
-#pragma unroll
-  for (int ki = 0; ki < kKT; ++ki)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = warp_key0 + ki * 16 + g + half * 8;
-#pragma unroll
-      for (int di = 0; di < kWDT; ++di) {
-        const int c = warp_d0 + di * 8 + 2 * t;
-        const uint32_t dk2 = pack2<T>(acc_dk[ki][di][2 * half] * p.scale, acc_dk[ki][di][2 * half + 1] * p.scale);
-        const uint32_t dv2 = pack2<T>(acc_dv[ki][di][2 * half], acc_dv[ki][di][2 * half + 1]);
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(KVTile::addr(sK, r, c)), "r"(dk2));
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(KVTile::addr(sV, r, c)), "r"(dv2));
-      }
-    }
+  const float scale = p.scale;
+  stage_acc<T, KVTile>(sK, warp_key0, warp_d0, acc_dk, lane, [=](int, int) { return scale; });
+  stage_acc<T, KVTile>(sV, warp_key0, warp_d0, acc_dv, lane, [](int, int) { return 1.f; });
   __syncthreads();
   T* dk = seq.k_side(static_cast<T*>(p.dk), p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride, hk);
   T* dv = seq.k_side(static_cast<T*>(p.dv), p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride, hk);
-#pragma unroll
-  for (int i = tid; i < KVTile::kChunks; i += Tr::kThreads) {
-    const int r = i / KVTile::kChunksPerRow, c = (i % KVTile::kChunksPerRow) * 8;
-    if (n0 + r < seq.seqlen_k) {
-      uint4 vk, vv;
-      asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
-                   : "=r"(vk.x), "=r"(vk.y), "=r"(vk.z), "=r"(vk.w) : "r"(KVTile::addr(sK, r, c)));
-      asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
-                   : "=r"(vv.x), "=r"(vv.y), "=r"(vv.z), "=r"(vv.w) : "r"(KVTile::addr(sV, r, c)));
-      *reinterpret_cast<uint4*>(dk + (n0 + r) * p.dk_row_stride + c) = vk;
-      *reinterpret_cast<uint4*>(dv + (n0 + r) * p.dv_row_stride + c) = vv;
-    }
-  }
+  store_tile_rows<Tr::kThreads, KVTile>(n0, seq.seqlen_k, tid, TileOut<T>{sK, dk, p.dk_row_stride},
+                                        TileOut<T>{sV, dv, p.dv_row_stride});
 }
 
 }  // namespace fae

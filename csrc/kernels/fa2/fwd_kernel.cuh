@@ -10,8 +10,10 @@
 #include "../../common/mask.h"
 #include "../../common/params.h"
 #include "../../common/seqlen.h"
+#include "../../sm80/epilogue.h"
 #include "../../sm80/ptx.h"
 #include "../../sm80/smem_tile.h"
+#include "../../sm80/warp_gemm.h"
 #include "../../common/softmax.h"
 #include "../../common/tile_size.h"
 
@@ -77,12 +79,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
 
   // Per-thread accumulators: O rows (g, g+8) of each of its kMT m-tiles, and their softmax states.
   float acc_o[kMT][kDT][4];
-#pragma unroll
-  for (int mi = 0; mi < kMT; ++mi)
-#pragma unroll
-    for (int di = 0; di < kDT; ++di)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_o[mi][di][e] = 0.f;
+  zero_acc(acc_o);
   SoftmaxState state[kMT][2];
 #pragma unroll
   for (int mi = 0; mi < kMT; ++mi) state[mi][0].init(), state[mi][1].init();
@@ -123,29 +120,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
 
     // S = Q K^T for this warp's rows.
     float acc_s[kMT][kNT][4];
-#pragma unroll
-    for (int mi = 0; mi < kMT; ++mi)
-#pragma unroll
-      for (int ni = 0; ni < kNT; ++ni)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_s[mi][ni][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      uint32_t a[kMT][4];
-#pragma unroll
-      for (int mi = 0; mi < kMT; ++mi)
-        ldmatrix_x4(a[mi], QTile::addr(sQ, warp * Tr::kWarpRows + mi * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-      for (int np = 0; np < kNT / 2; ++np) {
-        uint32_t bk[4];  // b0, b1 of key tiles 2np and 2np+1
-        ldmatrix_x4(bk, KVTile::addr(sK, np * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 16 + ((lane >> 3) & 1) * 8));
-#pragma unroll
-        for (int mi = 0; mi < kMT; ++mi) {
-          mma_16816<T>(acc_s[mi][2 * np], a[mi], bk[0], bk[1]);
-          mma_16816<T>(acc_s[mi][2 * np + 1], a[mi], bk[2], bk[3]);
-        }
-      }
-    }
+    zero_acc(acc_s);
+    gemm_abt<T, QTile, KVTile, kD>(acc_s, sQ, warp * Tr::kWarpRows, sK, 0, lane);
 
     // Mask (only tiles that straddle the window or the end of the keys pay for it).
     if (!mask.tile_fully_visible(warp_row0, warp_row0 + Tr::kWarpRows, n0, n0 + kBlockN)) {
@@ -204,38 +180,18 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
     // The S accumulator layout of two adjacent key tiles is the A-operand layout of one k16 step of P V:
     // pack P to 16 bits now, so only half the registers stay live through the second product.
     uint32_t p_frag[kMT][kBlockN / 16][4];
-#pragma unroll
-    for (int mi = 0; mi < kMT; ++mi)
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        p_frag[mi][kk][0] = pack2<T>(acc_s[mi][2 * kk][0], acc_s[mi][2 * kk][1]);
-        p_frag[mi][kk][1] = pack2<T>(acc_s[mi][2 * kk][2], acc_s[mi][2 * kk][3]);
-        p_frag[mi][kk][2] = pack2<T>(acc_s[mi][2 * kk + 1][0], acc_s[mi][2 * kk + 1][1]);
-        p_frag[mi][kk][3] = pack2<T>(acc_s[mi][2 * kk + 1][2], acc_s[mi][2 * kk + 1][3]);
-      }
+    pack_a_frags<T>(p_frag, acc_s);
 
     cp_async_wait<2 * kStages - 2>();  // this V tile has landed (the next tiles may still be in flight)
     __syncthreads();
 
-    // O += P V.
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-#pragma unroll
-      for (int dp = 0; dp < kDT / 2; ++dp) {
-        uint32_t bv[4];  // b0, b1 of output column tiles 2dp and 2dp+1
-        ldmatrix_x4_trans(bv, KVTile::addr(sV, kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 16 + (lane >> 4) * 8));
-#pragma unroll
-        for (int mi = 0; mi < kMT; ++mi) {
-          mma_16816<T>(acc_o[mi][2 * dp], p_frag[mi][kk], bv[0], bv[1]);
-          mma_16816<T>(acc_o[mi][2 * dp + 1], p_frag[mi][kk], bv[2], bv[3]);
-        }
-      }
-    }
+    gemm_rb<T, KVTile>(acc_o, p_frag, sV, 0, 0, lane);  // O += P V
   }
   cp_async_wait<0>();
 
   // Epilogue: normalise once, stage this warp's rows of O in its own rows of the Q tile (each warp only ever
   // read its own Q rows), then write 16-byte coalesced rows.
+  float inv[kMT][2];
 #pragma unroll
   for (int mi = 0; mi < kMT; ++mi)
 #pragma unroll
@@ -243,26 +199,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocksPerSm)
       SoftmaxState& st = state[mi][half];
       st.l += __shfl_xor_sync(0xffffffff, st.l, 1);
       st.l += __shfl_xor_sync(0xffffffff, st.l, 2);
-      const float inv = st.inv_sum();
+      inv[mi][half] = st.inv_sum();
       const int r = warp * Tr::kWarpRows + mi * 16 + g + half * 8;
-#pragma unroll
-      for (int di = 0; di < kDT; ++di) {
-        const uint32_t packed = pack2<T>(acc_o[mi][di][2 * half] * inv, acc_o[mi][di][2 * half + 1] * inv);
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(QTile::addr(sQ, r, di * 8 + 2 * t)), "r"(packed));
-      }
       if (t == 0 && m0 + r < seq.seqlen_q) lse[m0 + r] = st.lse();
     }
+  stage_acc<T, QTile>(sQ, warp * Tr::kWarpRows, 0, acc_o, lane, [&](int mi, int half) { return inv[mi][half]; });
   __syncthreads();
-#pragma unroll
-  for (int i = tid; i < QTile::kChunks; i += Tr::kThreads) {
-    const int r = i / QTile::kChunksPerRow, c = (i % QTile::kChunksPerRow) * 8;
-    if (m0 + r < seq.seqlen_q) {
-      uint4 val;
-      asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
-                   : "=r"(val.x), "=r"(val.y), "=r"(val.z), "=r"(val.w) : "r"(QTile::addr(sQ, r, c)));
-      *reinterpret_cast<uint4*>(o + (m0 + r) * p.o_row_stride + c) = val;
-    }
-  }
+  store_tile_rows<Tr::kThreads, QTile>(m0, seq.seqlen_q, tid, TileOut<T>{sQ, o, p.o_row_stride});
 }
 
 }  // namespace fae
