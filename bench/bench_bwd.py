@@ -2,8 +2,8 @@
 
     python bench/bench_bwd.py [--shapes peers|quick] [--algorithms fa2,fa1] [--out DIR]   ("ours" = auto)
 
-Shapes are the backward rows of /work/shared/PEERS.md (B*S = 16k tokens, Hq*D = 2048, bf16). For each shape it
-times the backward alone (autograd.grad on a retained graph) and forward+backward, counting backward FLOPs as
+Shapes are the backward rows of /work/shared/PEERS.md (B*S = 16k tokens, Hq*D = 2048, bf16); the peers are the
+SDPA backends and compiled FlexAttention (our causal mask as a block mask). For each shape it times the backward alone (autograd.grad on a retained graph) and forward+backward, counting backward FLOPs as
 2.5x forward (PEERS.md), and prints TFLOP/s with our/peer ratios. It also measures the peak memory of one
 forward+backward at B1 H16 S16k D128 (ours vs SDPA flash) and, for GQA, Hq32/Hkv8 against MHA 8/8.
 Writes bwd_results.json, bwd_results.csv and bwd_tflops.png into --out (default $OUT, else bench/results).
@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 import report  # noqa: E402
-from timing import SDPA_BACKENDS, attn_fwd_flops, median_ms, peers_fwd  # noqa: E402
+from timing import SDPA_BACKENDS, attn_fwd_flops, failed, flex_fwd, median_ms, peers_fwd  # noqa: E402
 
 SHAPES = {  # (B, Hq, Hkv, S, D, causal)
     "peers": [
@@ -83,8 +83,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
 
     extra = [a for a in args.algorithms.split(",") if a]
-    header = ["shape", "ours bwd", "flash bwd", "cudnn bwd", "eff bwd", "ours/flash", "ours/cudnn",
-              "ours f+b", "flash f+b", "cudnn f+b", "f+b ours/flash"]
+    header = ["shape", "ours bwd", "flash bwd", "cudnn bwd", "eff bwd", "flex bwd", "ours/flash", "ours/cudnn",
+              "ours/flex", "ours f+b", "flash f+b", "cudnn f+b", "flex f+b", "f+b ours/flash"]
     for a in extra:
         header += [f"{a} bwd", f"ours/{a}"]
     rows, results, errors = [], [], {}
@@ -93,6 +93,10 @@ def main():
         fwd_flops = attn_fwd_flops(B, Hq, S, S, D, causal)
         methods = {"ours": lambda: flashattn_ext.attention(q, k, v, causal=causal)}  # "ours" = algorithm "auto"
         methods.update(peers_fwd(q, k, v, causal))
+        try:  # compiled FlexAttention with our causal mask as a block mask (the mask is built here, untimed)
+            methods["flex"] = flex_fwd(q, k, v, causal)
+        except Exception as e:
+            methods["flex"] = failed(e)
         for a in extra:
             methods[a] = lambda a=a: flashattn_ext.attention(q, k, v, causal=causal, algorithm=a)
         tf = {}
@@ -106,9 +110,9 @@ def main():
                     label(B, Hq, Hkv, S, D, causal))
         ratio = lambda a, b: (a / b) if a and b else None
         row = [label(B, Hq, Hkv, S, D, causal), tf["ours"][0], tf["sdpa_flash"][0], tf["sdpa_cudnn"][0],
-               tf["sdpa_efficient"][0], ratio(tf["ours"][0], tf["sdpa_flash"][0]),
-               ratio(tf["ours"][0], tf["sdpa_cudnn"][0]), tf["ours"][1], tf["sdpa_flash"][1], tf["sdpa_cudnn"][1],
-               ratio(tf["ours"][1], tf["sdpa_flash"][1])]
+               tf["sdpa_efficient"][0], tf["flex"][0], ratio(tf["ours"][0], tf["sdpa_flash"][0]),
+               ratio(tf["ours"][0], tf["sdpa_cudnn"][0]), ratio(tf["ours"][0], tf["flex"][0]), tf["ours"][1],
+               tf["sdpa_flash"][1], tf["sdpa_cudnn"][1], tf["flex"][1], ratio(tf["ours"][1], tf["sdpa_flash"][1])]
         for a in extra:
             row += [tf[a][0], ratio(tf["ours"][0], tf[a][0])]
         rows.append(row)
@@ -142,7 +146,8 @@ def main():
     report.write_csv(os.path.join(args.out, "bwd_results.csv"), header, rows)
     report.plot_bars(os.path.join(args.out, "bwd_tflops.png"), [r[0] for r in rows],
                      {"ours": [r[1] for r in rows], "SDPA flash": [r[2] for r in rows],
-                      "SDPA cuDNN": [r[3] for r in rows], "SDPA efficient": [r[4] for r in rows]},
+                      "SDPA cuDNN": [r[3] for r in rows], "SDPA efficient": [r[4] for r in rows],
+                      "FlexAttention": [r[5] for r in rows]},
                      "backward TFLOP/s", "attention backward, bf16")
 
 

@@ -1,4 +1,5 @@
-"""Forward benchmark: flashattn_ext.attention against the PyTorch SDPA backends, same run, same inputs.
+"""Forward benchmark: flashattn_ext.attention against the PyTorch SDPA backends and compiled FlexAttention (our causal
+mask as a block mask), same run, same inputs.
 
     python bench/bench_fwd.py [--shapes peers|quick] [--algorithms fa2 [...]] [--dtype bf16|fp16] [--out DIR]
 
@@ -29,11 +30,11 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import report  # noqa: E402
 import varlen_case  # noqa: E402
-from timing import SDPA_BACKENDS, attn_fwd_flops, median_ms, peers_fwd  # noqa: E402
+from timing import SDPA_BACKENDS, attn_fwd_flops, failed, flex_fwd, median_ms, peers_fwd  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-PEERS = list(SDPA_BACKENDS)  # sdpa_flash, sdpa_cudnn, sdpa_efficient
-SHORT = {"sdpa_flash": "flash", "sdpa_cudnn": "cudnn", "sdpa_efficient": "eff"}
+PEERS = list(SDPA_BACKENDS) + ["flex"]  # sdpa_flash, sdpa_cudnn, sdpa_efficient, compiled FlexAttention
+SHORT = {"sdpa_flash": "flash", "sdpa_cudnn": "cudnn", "sdpa_efficient": "eff", "flex": "flex"}
 
 # (B, Hq, Hkv, S, D, causal, dtype); dtype None means --dtype. The fp16 row stays fp16 whatever --dtype says.
 SHAPES = {
@@ -164,7 +165,11 @@ def bench_shape(shape, dtype_default, algorithms, attention, info):
         if out is not None and ref is not None:
             row["maxdiff"][alg] = max_abs_diff(out if torch.is_tensor(out) else out[0], ref)
         del out
-    for name, fn in peers_fwd(q, k, v, causal).items():
+    try:  # compiled FlexAttention, our causal mask as a block mask (built here, untimed)
+        flex = flex_fwd(q, k, v, causal)
+    except Exception as e:
+        flex = failed(e)
+    for name, fn in dict(peers_fwd(q, k, v, causal), flex=flex).items():
         row["results"][name], out = measure(fn, flops)
         del out
     for alg in algorithms:

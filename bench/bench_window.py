@@ -30,7 +30,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 import report  # noqa: E402
-from timing import median_ms  # noqa: E402
+from timing import compiled_flex_attention, median_ms  # noqa: E402
 
 B, H, D = 1, 16, 128
 DTYPE = torch.bfloat16
@@ -101,20 +101,12 @@ def ours_fn(q, k, v, window, causal, G, algorithm):
                                            global_mask=tokens, algorithm=algorithm)
 
 
-_FLEX = None
-
-
 def flex_fn(q, k, v, window, causal, G):
-    global _FLEX
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    if _FLEX is None:
-        import torch._dynamo
-        torch._dynamo.config.recompile_limit = 256
-        torch._dynamo.config.cache_size_limit = 256
-        _FLEX = torch.compile(flex_attention, dynamic=False)
+    from torch.nn.attention.flex_attention import create_block_mask
     S = q.shape[2]
     block_mask = create_block_mask(mask_mod(window, causal, G), None, None, S, S, device=q.device)
-    return lambda: _FLEX(q, k, v, block_mask=block_mask)
+    flex = compiled_flex_attention()
+    return lambda: flex(q, k, v, block_mask=block_mask)
 
 
 def sdpa_fn(q, k, v, window, causal, G):

@@ -89,6 +89,14 @@ SDPA_BACKENDS = {
 }
 
 
+def failed(error):
+    """A callable that raises `error`: a peer that could not even be set up, recorded as n/a like one that fails
+    when run."""
+    def run():
+        raise error
+    return run
+
+
 def peers_fwd(q, k, v, causal):
     """Callables running each SDPA backend forward on (B, H, S, D) inputs, as peer_bench.py does: the backend
     forced with sdpa_kernel inside the call, GQA through enable_gqa (no repeated K/V). A backend that cannot run
@@ -96,8 +104,7 @@ def peers_fwd(q, k, v, causal):
     gqa = q.shape[1] != k.shape[1]
     if causal and q.shape[2] != k.shape[2]:
         # SDPA's is_causal is top-left aligned; ours is bottom-right: only square causal is comparable
-        def unsupported():
-            raise ValueError("SDPA is_causal is top-left aligned; compare causal only with Sq == Sk")
+        unsupported = failed(ValueError("SDPA is_causal is top-left aligned; compare causal only with Sq == Sk"))
         return {name: unsupported for name in SDPA_BACKENDS}
 
     def make(backend):
@@ -107,3 +114,35 @@ def peers_fwd(q, k, v, causal):
         return run
 
     return {name: make(backend) for name, backend in SDPA_BACKENDS.items()}
+
+
+_FLEX = {}
+
+
+def compiled_flex_attention():
+    """torch.compile(flex_attention, dynamic=False), once per process: flex_bench.py's setup (the script behind
+    PEERS.md's FlexAttention rows). Dynamo's recompile limits are raised: every block-mask shape is a new graph."""
+    if not _FLEX:
+        import torch._dynamo
+        from torch.nn.attention.flex_attention import flex_attention
+        torch._dynamo.config.recompile_limit = 256
+        torch._dynamo.config.cache_size_limit = 256
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
+def causal_mask_mod(Sq, Sk):
+    """FlexAttention mask_mod of our causal mask, bottom-right aligned: query i sees key j iff j <= i + Sk - Sq."""
+    offset = Sk - Sq
+    return lambda b, h, i, j: j <= i + offset
+
+
+def flex_fwd(q, k, v, causal):
+    """Callable running compiled FlexAttention forward on (B, H, S, D) inputs: no mask, or our causal mask as a
+    block mask (built here, outside the timing); GQA through enable_gqa. Raises when called if Flex cannot run it."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    Sq, Sk = q.shape[2], k.shape[2]
+    block_mask = create_block_mask(causal_mask_mod(Sq, Sk), None, None, Sq, Sk, device=q.device) if causal else None
+    flex, gqa = compiled_flex_attention(), q.shape[1] != k.shape[1]
+    return lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)

@@ -95,18 +95,13 @@ def document_mask_mod(doc, causal):
     return same_document_causal if causal else same_document
 
 
-_compiled = {}
-
-
 def flex_document_fn(case, q, k, v):
     """Callable: compiled FlexAttention over packed (total, H, D) q/k/v as one (1, H, total, D) sequence with the
-    document block mask (flex_bench.py's setup: torch.compile(flex_attention, dynamic=False)). Returns
-    (total, H, D)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    document block mask (flex_bench.py's setup: timing.compiled_flex_attention). Returns (total, H, D)."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    if "flex" not in _compiled:
-        _compiled["flex"] = torch.compile(flex_attention, dynamic=False)
-    flex = _compiled["flex"]
+    from timing import compiled_flex_attention
+    flex = compiled_flex_attention()
     doc = case.document_ids(q.device)
     block_mask = create_block_mask(document_mask_mod(doc, case.causal), None, None, case.total, case.total,
                                    device=q.device)
