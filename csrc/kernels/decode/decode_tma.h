@@ -24,7 +24,8 @@ inline bool decode_tma_stride_ok(int64_t stride, int64_t size) {
 // with its own bulk copy, as the kBulkRows variant of the same shape):
 //  * a copy takes consecutive keys of one page starting at a multiple of its size, so its size divides the tile
 //    and the page size: gcd(page_size, kBlockN), a power of two; a contiguous cache is one page per sequence:
-//    a whole tile;
+//    a whole tile (a box reaching past a short cache's capacity is never issued: the kernel copies a run only
+//    when all its keys are keys of the sequence, so no box row is ever outside the page dimension);
 //  * it lands at a 128-byte aligned shared-memory address: with rows (kHeadDim + 8) * 2 bytes apart (16 mod 128)
 //    only every 8th row of a tile is, so at least 8 keys (page sizes 1, 2, 4 and any other size that is not a
 //    multiple of 8 fall back: a 1-row copy would be the same number of requests as the bulk path anyway);
@@ -34,6 +35,7 @@ inline bool decode_tma_stride_ok(int64_t stride, int64_t size) {
 //    for broadcast (stride 0) caches).
 template <typename Tr>
 int decode_tma_box_rows(const KvCacheParams& p) {
+  if (p.max_pages <= 0 || p.k_cache == nullptr || p.v_cache == nullptr) return 0;  // an empty cache: no key to copy
   const bool contiguous = p.block_table == nullptr;
   const int rows = contiguous ? Tr::kBlockN : std::gcd(p.page_size, Tr::kBlockN);
   if (rows < 8 || Tr::KVTile::kPitch > 256) return 0;
