@@ -44,8 +44,9 @@ namespace fae {
 //             bytes in flight are tracked by the copy engine, not the LSU. A tile is 2 * kBlockN copies.
 //   kTmaRuns  as kBulkRows, but a run of box_rows consecutive keys of one page (DecodeTmaMaps) is ONE tensor copy
 //             (cp.async.bulk.tensor) issued by the run's first thread: per tile one K and one V copy when
-//             pages hold a whole tile, four each with 16-key pages. Runs the copy cannot take (a bad page entry, keys past the sequence's
-//             end, a cache the map cannot describe: box_rows 0) are copied or zero-filled row by row as kBulkRows.
+//             pages hold a whole tile, four each with 16-key pages. Runs the copy cannot take (a bad page entry,
+//             keys past the sequence's end, a cache the map cannot describe: box_rows 0) are copied or
+//             zero-filled row by row as kBulkRows.
 enum class DecodeLoad { kCpAsync, kBulkRows, kTmaRuns };
 
 // The kTmaRuns copies' tensor maps over the K and V caches, both viewed as (head_dim, kv heads, page_size,

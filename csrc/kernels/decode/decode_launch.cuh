@@ -48,8 +48,8 @@ inline int decode_variant_from_env() {
 }
 
 // Whether the code of `Kernel` that runs on this process's GPUs was compiled for sm_90 or later, i.e. holds the
-// bulk-copy, tensor-copy and griddepcontrol paths (a build with only sm_80 code runs its PTX on a Hopper: those paths are
-// compiled out there). A host-side query (no sync), once per kernel.
+// bulk-copy, tensor-copy and griddepcontrol paths (a build with only sm_80 code runs its PTX on a Hopper: those
+// paths are compiled out there). A host-side query (no sync), once per kernel.
 template <auto Kernel>
 bool compiled_for_sm90() {
   static const bool yes = [] {
