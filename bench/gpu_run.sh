@@ -2,7 +2,7 @@
 # One device call: build (all cores), raw-op check, GPU tests, bench; logs under $OUT (or ./out).
 # Knobs: ARCHS (default 90a while iterating), HEAD_DIMS (default all), ALGOS (bench_fwd algorithms, default fa3,fa2),
 # STEPS (default "build check test bench"; also probe, selfcheck, sanitize, fuzzslow, benchbwd, benchdecode,
-# generate, overhead, traingpt), TEST_ARGS, TEST_TIMEOUT.
+# generate, overhead, traingpt, window), TEST_ARGS, TEST_TIMEOUT, BWD_ALGOS, DECODE_ARGS.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-build check test bench}
@@ -26,9 +26,10 @@ for step in $STEPS; do
     fuzzslow) python3 -m pytest -q -m slow tests/test_fuzz.py tests/test_kvcache_fuzz.py 2>&1 | tail -5 | tee "$OUT/fuzz_slow.log" || status=1 ;;
     benchbwd) python3 bench/bench_bwd.py --algorithms ${BWD_ALGOS:-fa2} --out "$OUT" 2>&1 | tee "$OUT/bench_bwd.log" || status=1 ;;
     overhead) python3 bench/bench_overhead.py --out "$OUT" 2>&1 | tee "$OUT/bench_overhead.log" || status=1 ;;
-    benchdecode) python3 bench/bench_decode.py --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" || status=1 ;;
+    benchdecode) python3 bench/bench_decode.py ${DECODE_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" || status=1 ;;
     generate) python3 examples/generate.py 2>&1 | tee "$OUT/generate.log" || status=1 ;;
     traingpt) python3 examples/train_gpt.py --out "$OUT" 2>&1 | tee "$OUT/train_gpt.log" || status=1 ;;
+    window) python3 bench/bench_window.py --issue --out "$OUT" 2>&1 | tee "$OUT/bench_window.log" || status=1 ;;
     bench) python3 bench/bench_fwd.py --algorithms ${ALGOS:-fa3,fa2} --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
