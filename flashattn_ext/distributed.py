@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from . import _ops, validate
-from ._parts_autograd import parts_attention_function
 from .api import attention
 from .kvcache import merge_states
 from .reference_bwd import attention_backward_reference
@@ -314,9 +313,22 @@ def _ring_backward(dout, q, k, v, out, lse, dlse, spec):
     return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
 
-_RingAttention = parts_attention_function(
-    "_RingAttention", _ring_forward,
-    lambda dout, dlse, q, k, v, out, lse, spec: _ring_backward(dout, q, k, v, out, lse, dlse, spec))
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spec):
+        out, lse = _ring_forward(q, k, v, spec)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)  # no lse gradient unless the loss uses lse
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, dlse, ctx.spec)
+        return dq, dk, dv, None
 
 
 _RING_FIELDS = ("batch", "q heads", "k/v heads", "local q length", "local k/v length", "head dim", "dtype",

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 from . import _ops
-from ._parts_autograd import parts_attention_function
 from .reference import attention_reference, blocked_backward, in_window
 
 NEG_INF = float("-inf")
@@ -300,7 +299,21 @@ def _global_backward(dout, dlse, q, k, v, out, lse, tokens, spec):
     return dq, dk, dv
 
 
-_GlobalAttention = parts_attention_function("_GlobalAttention", _global_forward, _global_backward)
+class _GlobalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, tokens, spec):
+        ctx.set_materialize_grads(False)  # no lse gradient unless the loss uses lse
+        out, lse = _global_forward(q, k, v, tokens, spec)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.tokens, ctx.spec = tokens, spec
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        return (*_global_backward(dout, dlse, q, k, v, out, lse, ctx.tokens, ctx.spec), None, None)
 
 
 def global_attention(q, k, v, tokens, spec):
