@@ -4,22 +4,16 @@ Skipped without transformers (CI keeps it out of requirements.txt). The CPU test
 path on a small budget; the GPU tests run the CUDA kernels at the example's defaults. Timing is left to the
 example itself (run() with bench=False here): tests assert correctness only.
 """
-import importlib.util
-import os
+import functools
 
 import pytest
 import torch
 
+from example_loader import load_example as load_example_script
+
 pytest.importorskip("transformers")
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "generate.py")
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("generate_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+load_example = functools.partial(load_example_script, "generate")
 
 
 def check(res):

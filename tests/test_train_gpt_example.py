@@ -5,24 +5,18 @@ float32, so the curves must coincide step by step); a second CPU test shows the 
 whose attention sees future bytes fails the float32 rule). The GPU test trains 30 steps in bf16 through the CUDA kernels (GQA, head dim 128) and asserts the example's own rule. Tokens/s are printed by the
 example and not asserted here.
 """
-import importlib.util
+import functools
 import json
-import os
 
 import pytest
 
 import flashattn_ext
 from flashattn_ext.testing import need_head_dim
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_gpt.py")
+from example_loader import load_example as load_example_script
+
 TINY = ["--layers", "2", "--d-model", "64", "--heads", "4", "--kv-heads", "2", "--seq", "64", "--batch", "4"]
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("train_gpt_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+load_example = functools.partial(load_example_script, "train_gpt")
 
 
 def test_train_gpt_cpu(tmp_path):
