@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   }
   __syncthreads();
 
-  const int warpgroup = threadIdx.x / 128;
+  const int warpgroup = warpgroup_index();
   if (warpgroup == 0) {
     // ---------------- producer ----------------
     regs_dealloc<Tr::kProducerRegs>();

@@ -39,7 +39,11 @@ struct Fa3FwdTraits {
 #else
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
 #endif
+#ifdef FAE_FA3_STAGES_D128
+  static constexpr int kStages = kHeadDim <= 64 ? 4 : kHeadDim == 128 ? FAE_FA3_STAGES_D128 : 2;
+#else
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
+#endif
   static constexpr int kPanels = kHeadDim / 64;     // 64-column (128-byte) swizzle panels per row
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kPanelQ = kBlockM * 128;     // bytes of one panel of the Q tile
@@ -281,7 +285,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   // Phases run on across tiles: `it` counts K/V tiles (stage it % kStages, use it / kStages of that stage),
   // `q_it` counts Q loads. Tiles with no visible key load nothing on either side.
-  const int warpgroup = threadIdx.x / 128;
+  const int warpgroup = warpgroup_index();
   if (warpgroup == 0) {
     // ---------------- producer ----------------
     regs_dealloc<Tr::kProducerRegs>();

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One device call's worth of Hopper kernel experiments, without torch: builds every variant of the standalone
+# forward and backward probes in parallel, then checks and times each (under timeouts: a hung mbarrier wait
+# must not burn the call), then profiles one shape of each with ncu.
+#   FWD_VARIANTS / BWD_VARIANTS: space-separated; "base" = the defaults, else comma-separated -D macros
+#   NCU=0 skips the profiles; NCU_FWD / NCU_BWD: the probe's "one" arguments of the profiled shape
+# Logs under $OUT (or /tmp/o): probe_<fwd|bwd>_<variant>.log, ncu_<fwd|bwd>.log.
+set -uo pipefail
+OUT=${OUT:-/tmp/o}; mkdir -p "$OUT"
+NVCC="nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -lineinfo -Xptxas -v -Icsrc"
+FWD_VARIANTS=${FWD_VARIANTS:-base}
+BWD_VARIANTS=${BWD_VARIANTS:-base}
+tag_of() { echo "$1" | tr '=,' '_-'; }
+flags_of() { [ "$1" = base ] && echo "" || echo "-D${1//,/ -D}"; }
+
+for kind in fwd bwd; do
+  vars=$FWD_VARIANTS; src=bench/fa3_probe.cu
+  [ $kind = bwd ] && { vars=$BWD_VARIANTS; src=bench/fa3_bwd_probe.cu; }
+  for v in $vars; do
+    t=$(tag_of "$v")
+    $NVCC $(flags_of "$v") $src -o /tmp/probe_${kind}_$t > "$OUT/probe_${kind}_${t}.log" 2>&1 &
+  done
+done
+wait
+
+for kind in fwd bwd; do
+  vars=$FWD_VARIANTS; [ $kind = bwd ] && vars=$BWD_VARIANTS
+  for v in $vars; do
+    t=$(tag_of "$v"); bin=/tmp/probe_${kind}_$t; log="$OUT/probe_${kind}_${t}.log"
+    echo "=== $kind $v: $(grep -c 'spill stores' "$log") kernels, spills: $(grep -oE '[1-9][0-9]* bytes spill stores' "$log" | sort | uniq -c | tr '\n' ' ')"
+    test -x "$bin" || { grep -m5 error "$log"; continue; }
+    timeout 90 "$bin" check >> "$log" 2>&1; rc=$?
+    echo "check rc=$rc $(grep -E 'CHECK|FAIL' "$log" | head -3 | tr '\n' ' ')"
+    [ $rc = 0 ] && { timeout 120 "$bin" time >> "$log" 2>&1; grep -E '^time' "$log"; }
+  done
+done
+
+if [ "${NCU:-1}" = 1 ] && command -v ncu > /dev/null; then
+  sections="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
+            --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats
+            --section LaunchStats --section Occupancy"
+  metrics="sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.avg.pct_of_peak_sustained_elapsed,lts__t_bytes.sum.per_second,sm__cycles_elapsed.avg.per_second,smsp__inst_executed.sum"
+  first=$(echo $FWD_VARIANTS | cut -d' ' -f1)
+  timeout 150 ncu --clock-control none -k regex:fa3_fwd --launch-skip 2 --launch-count 1 $sections --metrics $metrics \
+    /tmp/probe_fwd_$(tag_of "$first") one ${NCU_FWD:-128 1 16 16384 0} > "$OUT/ncu_fwd.log" 2>&1
+  echo "ncu fwd rc=$?"
+  first=$(echo $BWD_VARIANTS | cut -d' ' -f1)
+  timeout 150 ncu --clock-control none -k regex:fa3_bwd_dkdv --launch-skip 2 --launch-count 1 $sections --metrics $metrics \
+    /tmp/probe_bwd_$(tag_of "$first") one ${NCU_BWD:-128 1 16 16 16384 0} > "$OUT/ncu_bwd.log" 2>&1
+  echo "ncu bwd rc=$?"
+fi
