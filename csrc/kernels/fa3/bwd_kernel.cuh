@@ -296,6 +296,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const int stage = s % kStages, h = steps.head(s), m0 = steps.m0(s);
     const uint32_t q_base = sm90::smem_addr(sQ + stage * Tr::kQBytes);
     const uint32_t do_base = sm90::smem_addr(sDo + stage * Tr::kQBytes);
+    // lse_log2 and Delta of the tile's query rows (padded row buffers: rows past seqlen_q hold +inf / 0), read
+    // from L2 into registers before the wait for Q/dO: issued here, their latency hides behind that wait and
+    // the S / dP GEMMs (read after them, each was an exposed L2 round trip per step).
+    const int64_t row = bwd_row0(p, seq, h) + m0;
+    float2 lse_v[kBlockM / 8], delta_v[kBlockM / 8];
+#ifndef FAE_FA3_BWD_LATE_ROWS
+#pragma unroll
+    for (int j = 0; j < kBlockM / 8; ++j) {
+      lse_v[j] = *reinterpret_cast<const float2*>(p.lse_log2 + row + 8 * j + 2 * t);
+      delta_v[j] = *reinterpret_cast<const float2*>(p.dsoftmax_sum + row + 8 * j + 2 * t);
+    }
+#endif
     mbar_wait(&bar_full[stage], (s / kStages) & 1);
 
     float acc_s[kBlockM / 2], acc_dp[kBlockM / 2];
@@ -308,14 +320,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // P^T = exp2(S^T * scale_log2 - lse_log2[query]); masked entries 0.
     wgmma_wait<1>();  // S done; dP may still run
     fence_regs(acc_s);
-    // lse_log2 and Delta of the tile's query rows (padded row buffers: rows past seqlen_q hold +inf / 0).
-    const int64_t row = bwd_row0(p, seq, h) + m0;
-    const float* lse = p.lse_log2 + row;
-    const float* delta = p.dsoftmax_sum + row;
+#ifdef FAE_FA3_BWD_LATE_ROWS  // A/B experiment: the loads after the S wait
+#pragma unroll
+    for (int j = 0; j < kBlockM / 8; ++j) {
+      lse_v[j] = *reinterpret_cast<const float2*>(p.lse_log2 + row + 8 * j + 2 * t);
+      delta_v[j] = *reinterpret_cast<const float2*>(p.dsoftmax_sum + row + 8 * j + 2 * t);
+    }
+#endif
     const bool needs_mask = !mask.tile_fully_visible(m0, min(m0 + kBlockM, seq.seqlen_q), kv0, kv0 + 64);
 #pragma unroll
     for (int j = 0; j < kBlockM / 8; ++j) {
-      const float2 l = *reinterpret_cast<const float2*>(lse + 8 * j + 2 * t);
+      const float2 l = lse_v[j];
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -337,7 +352,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     fence_regs(acc_dp);
 #pragma unroll
     for (int j = 0; j < kBlockM / 8; ++j) {
-      const float2 d = *reinterpret_cast<const float2*>(delta + 8 * j + 2 * t);
+      const float2 d = delta_v[j];
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll
