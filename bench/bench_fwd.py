@@ -144,7 +144,7 @@ def measure(fn, flops):
         return {"error": short_error(e)}, None
 
 
-def bench_shape(shape, dtype_default, algorithms, attention, info):
+def bench_shape(shape, dtype_default, algorithms, attention, info, with_flex=True):
     B, Hq, Hkv, S, D, causal, dtype = shape
     dtype = dtype or dtype_default
     q = torch.randn(B, Hq, S, D, dtype=dtype, device="cuda")  # random, never zeros
@@ -166,7 +166,7 @@ def bench_shape(shape, dtype_default, algorithms, attention, info):
             row["maxdiff"][alg] = max_abs_diff(out if torch.is_tensor(out) else out[0], ref)
         del out
     try:  # compiled FlexAttention, our causal mask as a block mask (built here, untimed)
-        flex = flex_fwd(q, k, v, causal)
+        flex = flex_fwd(q, k, v, causal) if with_flex else failed(RuntimeError("not run (--no-flex)"))
     except Exception as e:
         flex = failed(e)
     for name, fn in dict(peers_fwd(q, k, v, causal), flex=flex).items():
@@ -267,6 +267,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results"))
     p.add_argument("--dry-run", action="store_true", help="build the rows on the CPU, print them, measure nothing")
     p.add_argument("--no-varlen", action="store_true", help="skip the varlen rows")
+    p.add_argument("--no-flex", action="store_true", help="skip the FlexAttention column (its compiles take minutes)")
     a = p.parse_args(argv)
     a.algorithms = [s for arg in a.algorithms for s in arg.split(",") if s]
     return a
@@ -320,7 +321,8 @@ def main(argv=None):
     try:
         with torch.no_grad():
             for shape in SHAPES[args.shapes]:
-                rows.append(bench_shape(shape, DTYPES[args.dtype], args.algorithms, attention, info))
+                rows.append(bench_shape(shape, DTYPES[args.dtype], args.algorithms, attention, info,
+                                        with_flex=not args.no_flex))
                 print(rows[-1]["label"], {n: round(r["tflops"], 1) if "tflops" in r else "n/a"
                                           for n, r in rows[-1]["results"].items()}, flush=True)
             memory = bench_memory(DTYPES[args.dtype], args.algorithms, attention, info)

@@ -57,6 +57,10 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const void* tmap, uint64_
       : "memory");
 }
 
+// Orders this thread's ordinary shared-memory accesses with the async proxy's (wgmma operand reads, TMA):
+// stores before the async proxy reads them, reads before a TMA load overwrites the same bytes.
+__device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
 // ---- wgmma ordering ----
 // Orders this thread's register writes (accumulators, A fragments) before the next wgmma reads them.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }

@@ -15,8 +15,6 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
                : "memory");
 }
 
-// Makes this thread's ordinary shared-memory stores visible to the async proxy (wgmma operand reads, TMA).
-__device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 // *addr += (x, y) for two adjacent floats (8-byte aligned), one relaxed atomic per pair.
 __device__ __forceinline__ void red_add_v2(float* addr, float x, float y) {

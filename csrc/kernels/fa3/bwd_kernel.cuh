@@ -301,13 +301,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // the S / dP GEMMs (read after them, each was an exposed L2 round trip per step).
     const int64_t row = bwd_row0(p, seq, h) + m0;
     float2 lse_v[kBlockM / 8], delta_v[kBlockM / 8];
-#ifndef FAE_FA3_BWD_LATE_ROWS
 #pragma unroll
     for (int j = 0; j < kBlockM / 8; ++j) {
       lse_v[j] = *reinterpret_cast<const float2*>(p.lse_log2 + row + 8 * j + 2 * t);
       delta_v[j] = *reinterpret_cast<const float2*>(p.dsoftmax_sum + row + 8 * j + 2 * t);
     }
-#endif
     mbar_wait(&bar_full[stage], (s / kStages) & 1);
 
     float acc_s[kBlockM / 2], acc_dp[kBlockM / 2];
@@ -320,13 +318,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // P^T = exp2(S^T * scale_log2 - lse_log2[query]); masked entries 0.
     wgmma_wait<1>();  // S done; dP may still run
     fence_regs(acc_s);
-#ifdef FAE_FA3_BWD_LATE_ROWS  // A/B experiment: the loads after the S wait
-#pragma unroll
-    for (int j = 0; j < kBlockM / 8; ++j) {
-      lse_v[j] = *reinterpret_cast<const float2*>(p.lse_log2 + row + 8 * j + 2 * t);
-      delta_v[j] = *reinterpret_cast<const float2*>(p.dsoftmax_sum + row + 8 * j + 2 * t);
-    }
-#endif
     const bool needs_mask = !mask.tile_fully_visible(m0, min(m0 + kBlockM, seq.seqlen_q), kv0, kv0 + 64);
 #pragma unroll
     for (int j = 0; j < kBlockM / 8; ++j) {

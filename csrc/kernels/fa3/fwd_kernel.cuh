@@ -1,15 +1,17 @@
 // Hopper (sm_90a) FlashAttention forward: TMA loads, wgmma, warp specialisation.
 //
-// One block per (query tile of 128 rows, batch, head) (FAE_FA3_PERSISTENT=1: one block per SM striding over the
-// tiles; measured slower, bench/NOTES.md), 3 warpgroups. Varlen (kVarlen, packed sequences): the tiles are counted
-// by the longest sequence; a tile past its own sequence's end loads and stores nothing (fa3/seq.cuh).
-//   warpgroup 0 (producer): one thread issues TMA copies of the Q tile and of K/V tiles into a ring of kStages
-//     shared-memory stages; "full" mbarriers complete when the bytes land, "K free" / "V free" ones when both
-//     consumers are done with a stage's K or V. It gives most of its registers away (setmaxnreg).
+// Persistent: one block per SM striding over the (query tile of 128 rows, batch, head) tiles, heaviest first
+// (FAE_FA3_PERSISTENT=0: one block per tile), 3 warpgroups. Varlen (kVarlen, packed sequences): the tiles are
+// counted by the longest sequence; a tile past its own sequence's end loads and stores nothing (fa3/seq.cuh).
+//   warpgroup 0 (producer): one thread issues TMA copies of Q tiles into kQBuffers buffers and of K/V tiles
+//     into a ring of kStages shared-memory stages, running ahead across tile boundaries; "full" mbarriers
+//     complete when the bytes land, "free" ones when both consumers are done with a buffer or a stage's K or V.
+//     It gives most of its registers away (setmaxnreg).
 //   warpgroups 1, 2 (consumers): 64 query rows each. S = Q K^T with both operands in shared memory,
 //     online softmax in registers (base 2, scale * log2(e) folded in), O += P V with P straight from the
 //     S accumulators (registers) and V read transposed from shared memory; S(i) is issued with PV(i-1) and
-//     the consumers take turns issuing (ping-pong).
+//     the consumers take turns issuing (ping-pong). O is normalised and staged in the tile's Q buffer, then
+//     stored with 16-byte coalesced copies (D256, one Q buffer: straight from the accumulators).
 // The FAE_FA3_* macros are tuning experiments (bench/fa3_variants.sh); the defaults are the measured best.
 // Shared-memory tiles are stored as the TMA writes them with the 128-byte swizzle: each 64-column panel of a
 // tile is rows x 128 bytes, 8-row atoms of 1024 bytes; the wgmma descriptors below address that layout.
@@ -48,11 +50,16 @@ struct Fa3FwdTraits {
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kPanelQ = kBlockM * 128;     // bytes of one panel of the Q tile
   static constexpr int kPanelKV = kBlockN * 128;    // bytes of one panel of a K or V tile
-  static constexpr int kQBytes = kPanelQ * kPanels;
+  static constexpr int kQBytes = kPanelQ * kPanels;  // one Q buffer
   static constexpr int kKVBytes = kPanelKV * kPanels;
-  // Q | K stages | V stages | mbarriers, after aligning the base to the 1024-byte swizzle atom.
-  static constexpr int kBarrierOffset = kQBytes + 2 * kStages * kKVBytes;
-  static constexpr int kSmemBytes = kBarrierOffset + 8 * (2 + 4 * kStages) + 1024;
+  // Two Q buffers where they fit (D <= 128): a block loads its next tile's Q while it works on this one, and a
+  // finished tile's O is staged in its own Q buffer for 16-byte coalesced stores while the next tile runs.
+  // D256 (one buffer): Q is released after the last S GEMM and O is stored straight from the accumulators.
+  static constexpr int kQBuffers = kHeadDim <= 128 ? 2 : 1;
+  static constexpr bool kStagedO = kQBuffers == 2;
+  // Q buffers | K stages | V stages | mbarriers, after aligning the base to the 1024-byte swizzle atom.
+  static constexpr int kBarrierOffset = kQBuffers * kQBytes + 2 * kStages * kKVBytes;
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * (2 * kQBuffers + 4 * kStages) + 1024;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   // Q as the register operand of S = Q K^T (read from shared memory once per tile, with ldmatrix) instead of a
   // second shared-memory operand on every k-step: halves the shared-memory reads of that GEMM. D256 keeps Q in
@@ -249,12 +256,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   extern __shared__ char smem_raw[];
   char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  char* sQ = smem;
-  char* sK = sQ + Tr::kQBytes;                      // stage s at sK + s * kKVBytes
+  constexpr int kQBuffers = Tr::kQBuffers;
+  char* sQ = smem;                                  // Q buffer b at sQ + b * kQBytes
+  char* sK = sQ + kQBuffers * Tr::kQBytes;          // stage s at sK + s * kKVBytes
   char* sV = sK + kStages * Tr::kKVBytes;
-  uint64_t* bar_q = reinterpret_cast<uint64_t*>(smem + Tr::kBarrierOffset);
-  uint64_t* bar_q_free = bar_q + 1;                 // both consumers are done reading Q
-  uint64_t* bar_k = bar_q_free + 1;                 // K of stage s landed
+  uint64_t* bar_q = reinterpret_cast<uint64_t*>(smem + Tr::kBarrierOffset);  // Q of buffer b landed
+  uint64_t* bar_q_free = bar_q + kQBuffers;         // both consumers are done with buffer b (Q, staged O)
+  uint64_t* bar_k = bar_q_free + kQBuffers;         // K of stage s landed
   uint64_t* bar_v = bar_k + kStages;                // V of stage s landed
   uint64_t* bar_k_free = bar_v + kStages;           // both consumers are done with K of stage s
   uint64_t* bar_v_free = bar_k_free + kStages;      // ... with V of stage s
@@ -271,8 +279,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   }
 
   if (threadIdx.x == 0) {
-    mbar_init(bar_q, 1);
-    mbar_init(bar_q_free, Tr::kConsumers * 4);     // one arrive per consumer warp
+    for (int b = 0; b < kQBuffers; ++b) {
+      mbar_init(&bar_q[b], 1);
+      mbar_init(&bar_q_free[b], Tr::kConsumers * 4);  // one arrive per consumer warp
+    }
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&bar_k[s], 1);
       mbar_init(&bar_v[s], 1);
@@ -284,7 +294,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   __syncthreads();
 
   // Phases run on across tiles: `it` counts K/V tiles (stage it % kStages, use it / kStages of that stage),
-  // `q_it` counts Q loads. Tiles with no visible key load nothing on either side.
+  // `q_it` counts Q loads (buffer q_it % kQBuffers, use q_it / kQBuffers). Tiles with no visible key load
+  // nothing on either side.
   const int warpgroup = warpgroup_index();
   if (warpgroup == 0) {
     // ---------------- producer ----------------
@@ -298,12 +309,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, tile, num_m_blocks);
       if (tl.n_count == 0) continue;
       const int hk = tl.h / p.head_group;
-      if (q_it > 0) mbar_wait(bar_q_free, (q_it - 1) & 1);
-      mbar_arrive_expect_tx(bar_q, Tr::kQBytes);
+      const int qb = q_it % kQBuffers, q_use = q_it / kQBuffers;
+      if (q_use > 0) mbar_wait(&bar_q_free[qb], (q_use - 1) & 1);
+      mbar_arrive_expect_tx(&bar_q[qb], Tr::kQBytes);
       const fa3::TmaRow q_at = fa3::q_rows(tl.seq, tl.m0);
 #pragma unroll
       for (int c = 0; c < kPanels; ++c)
-        tma_load_4d(sQ + c * Tr::kPanelQ, &tmap_q, bar_q, c * 64, q_at.row, tl.h, q_at.batch);
+        tma_load_4d(sQ + qb * Tr::kQBytes + c * Tr::kPanelQ, &tmap_q, &bar_q[qb], c * 64, q_at.row, tl.h, q_at.batch);
       ++q_it;
       for (int i = 0; i < tl.n_count; ++i, ++it) {
         const int stage = it % kStages;
@@ -331,8 +343,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   regs_alloc<Tr::kConsumerRegs>();
   const int cw = warpgroup - 1;                        // consumer index: query rows [64 cw, 64 cw + 64) of a tile
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
-  const uint32_t q_base = sm90::smem_addr(sQ) + cw * 64 * 128;
+  const int g = lane / 4, t = lane % 4, tid = threadIdx.x % 128;
   const uint32_t k_smem = sm90::smem_addr(sK), v_smem = sm90::smem_addr(sV);
   using C = fa3::Consumer<Tr>;
   auto stage_of = [](int it) { return it % kStages; };
@@ -356,6 +367,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, tile, num_m_blocks);
     const int row0 = tl.m0 + cw * 64 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
+    const int qb = q_it % kQBuffers;
+    char* sQw = sQ + qb * Tr::kQBytes + cw * 64 * 128;  // this warpgroup's 64 rows of the tile's Q buffer
+    const uint32_t q_base = sm90::smem_addr(sQw);
     // Keys past the sequence's length (zeros, or the next sequence's rows when packed) are masked here too.
     auto needs_mask = [&](int i) {
       return !tl.mask.tile_fully_visible(tl.m0, tl.m_end, tl.n0(i), tl.n0(i) + kBlockN);
@@ -380,7 +394,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     float scale_o[2];
     const int n = tl.n_count;
     if (n > 0) {
-      mbar_wait(bar_q, q_it & 1);
+      mbar_wait(&bar_q[qb], (q_it / kQBuffers) & 1);
       if constexpr (Tr::kQInRegs) C::load_q(q_frag, q_base, warp, lane);
       mbar_wait(&bar_k[stage_of(it)], parity_of(it));
       sched_wait();
@@ -391,7 +405,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       wgmma_wait<0>();
       fence_regs(acc_s);
       release(&bar_k_free[stage_of(it)]);
-      if (n == 1) release(bar_q_free);
+      if (!Tr::kStagedO && n == 1) release(&bar_q_free[qb]);
       C::softmax(acc_s, row_max, row_sum, scale_o, tl.mask, needs_mask(0), row0, tl.n0(0), t, p.scale_log2);
       C::pack_p(p_frag, acc_s);
     }
@@ -411,7 +425,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       wgmma_wait<1>();  // S(i) done; PV(i-1) may still run
       fence_regs(acc_s);
       release(&bar_k_free[stage_of(cur)]);
-      if (i == n - 1) release(bar_q_free);
+      if (!Tr::kStagedO && i == n - 1) release(&bar_q_free[qb]);
       C::softmax(acc_s, row_max, row_sum, scale_o, tl.mask, needs_mask(i), row0, tl.n0(i), t, p.scale_log2);
       wgmma_wait<0>();  // PV(i-1) done: O and p_frag may be rewritten, V(i-1) released
       fence_regs(acc_o);
@@ -431,27 +445,58 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       fence_regs(acc_o);
       release(&bar_v_free[stage_of(last)]);
       it += n;
-      ++q_it;
     }
 
-    // Epilogue: normalise, write O and lse row by row, rows < the sequence's seqlen_q (nothing reaches the next
-    // packed sequence). The producer is already loading the next tile.
+    // Epilogue: normalise, write O and lse, rows < the sequence's seqlen_q (nothing reaches the next packed
+    // sequence). The producer is already loading the next tile.
     T* o = tl.seq.q_side(static_cast<T*>(p.o), p.o_batch_stride, p.o_head_stride, p.o_row_stride, tl.h);
     float* lse = p.lse + lse_row0(p, tl.seq, tl.h);
+    float inv[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float sum = fa3::quad_sum(row_sum[r]);
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      inv[r] = sum > 0.f ? 1.f / sum : 0.f;
       const int row = row0 + 8 * r;
-      if (row < tl.seq.seqlen_q) {
+      if (t == 0 && row < tl.seq.seqlen_q)
+        lse[row] = sum > 0.f ? (row_max[r] + __log2f(sum)) * 0.69314718055994530942f : -INFINITY;
+    }
+    if (Tr::kStagedO && n > 0) {
+      // O in this warpgroup's rows of the Q buffer (its own Q rows; its S GEMMs are done), in Q's swizzled
+      // layout: the pair at (row rr, columns 8j + 2t, +1) goes to 16-byte chunk (j % 8) ^ (rr % 8) of panel j / 8;
+      // a warp's 8 rows hit 8 different chunks, no bank conflicts. Then 16-byte copies, consecutive threads
+      // along a row, instead of 4-byte stores that fill half of each 32-byte sector.
+#pragma unroll
+      for (int j = 0; j < kD / 8; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int rr = warp * 16 + g + 8 * r;
+          *reinterpret_cast<uint32_t*>(sQw + (j / 8) * Tr::kPanelQ + rr * 128 + (((j % 8) ^ (rr % 8)) << 4) + 4 * t) =
+              fa3::pack2<T>(acc_o[4 * j + 2 * r] * inv[r], acc_o[4 * j + 2 * r + 1] * inv[r]);
+        }
+      named_sync(3 + cw, 128);
+      constexpr int kChunks = kD / 8;  // 16-byte chunks per row
+#pragma unroll
+      for (int k = 0; k < 64 * kChunks / 128; ++k) {
+        const int q = tid + 128 * k, rr = q / kChunks, c = q % kChunks;
+        const uint4 v = *reinterpret_cast<const uint4*>(sQw + (c / 8) * Tr::kPanelQ + rr * 128 + (((c % 8) ^ (rr % 8)) << 4));
+        const int row = tl.m0 + cw * 64 + rr;
+        if (row < tl.seq.seqlen_q) *reinterpret_cast<uint4*>(o + static_cast<int64_t>(row) * p.o_row_stride + 8 * c) = v;
+      }
+      fence_proxy_async_smem();  // these reads before the TMA load that refills the buffer
+      release(&bar_q_free[qb]);
+    } else {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 8 * r;
+        if (row >= tl.seq.seqlen_q) continue;
         T* orow = o + static_cast<int64_t>(row) * p.o_row_stride;
 #pragma unroll
         for (int j = 0; j < kD / 8; ++j)
           *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
-              fa3::pack2<T>(acc_o[4 * j + 2 * r] * inv, acc_o[4 * j + 2 * r + 1] * inv);
-        if (t == 0) lse[row] = sum > 0.f ? (row_max[r] + __log2f(sum)) * 0.69314718055994530942f : -INFINITY;
+              fa3::pack2<T>(acc_o[4 * j + 2 * r] * inv[r], acc_o[4 * j + 2 * r + 1] * inv[r]);
       }
     }
+    if (n > 0) ++q_it;
   }
   if (cw == 0) sched_wait();
 #endif

@@ -14,16 +14,17 @@ void launch_fa3_fwd_kernel(const FwdParams& params, const CUtensorMap& tq, const
                            const CUtensorMap& tv, int num_tiles, cudaStream_t stream) {
   constexpr auto kernel = fa3_fwd_kernel<Tr, kVarlen>;
   set_smem_limit_once<kernel>(Tr::kSmemBytes, "fa3_fwd");
-  // Persistent: one block per SM (the tile needs all of its shared memory), each striding over the tiles;
-  // otherwise one block per tile (the kernel's tile loop then runs once).
+  // Persistent: one block per SM (the tile needs all of its shared memory), each striding over the tiles, so a
+  // block's next Q and K/V tiles load while it finishes this tile and its O leaves through shared memory;
+  // FAE_FA3_PERSISTENT=0 (an A/B experiment): one block per tile (the kernel's tile loop then runs once).
 #ifdef FAE_FA3_PERSISTENT
   constexpr bool kPersistent = FAE_FA3_PERSISTENT;
 #else
-  constexpr bool kPersistent = false;  // measured: the hardware's dynamic block scheduling balances better
+  constexpr bool kPersistent = true;
 #endif
   int grid = num_tiles;
   if constexpr (kPersistent) {
-    int device = 0, sms = 0;
+    int device = 0, sms = 0;  // host-side attribute queries: no sync, capture-safe
     check_cuda(cudaGetDevice(&device), "cudaGetDevice");
     check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute(SMs)");
     grid = num_tiles > sms ? sms : num_tiles;
@@ -46,6 +47,10 @@ void run_fa3_fwd(const FwdParams& params, cudaStream_t stream) {
   const CUtensorMap tv = fa3::k_side_tmap(params, params.v, kBf16, kHeadDim, params.v_batch_stride,
                                           params.v_head_stride, params.v_row_stride, Tr::kBlockN);
   const int num_tiles = static_cast<int>(grid_size(blocks, "fa3_fwd"));
+  // The staged epilogue stores O in 16-byte pieces; the op allocates O like Q (TMA already needs Q's rows
+  // 16-byte aligned), so this only guards a future caller that passes another buffer.
+  if (Tr::kStagedO && (reinterpret_cast<uintptr_t>(params.o) % 16 != 0 || params.o_row_stride % 8 != 0))
+    throw std::runtime_error("flashattn_ext: fa3_fwd needs the output's rows 16-byte aligned");
   if (params.cu_seqlens_q != nullptr) launch_fa3_fwd_kernel<Tr, true>(params, tq, tk, tv, num_tiles, stream);
   else launch_fa3_fwd_kernel<Tr, false>(params, tq, tk, tv, num_tiles, stream);
 }
