@@ -50,7 +50,7 @@ def main():
         print("ok", B, Hq, Hkv, Sq, Sk, D, causal, window, tr, "bwd" if has_bwd else "")
     varlen_cases(has_bwd)  # every family with varlen kernels (FAE_SANITIZE_ALGOS filters them)
     if not ONLY or "fa2" in ONLY:  # decode runs FA2-family kernels
-        for variant in flashattn_ext.kvcache.tested_decode_variants():  # each verified split-kernel variant
+        for variant in flashattn_ext.kvcache.DECODE_VARIANTS:  # each split-kernel variant (FAE_DECODE_VARIANT)
             os.environ["FAE_DECODE_VARIANT"] = variant
             print("decode variant", variant)
             decode_cases()

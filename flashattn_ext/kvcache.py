@@ -20,18 +20,6 @@ MAX_SPLITS = 256
 # and cover them.
 DECODE_VARIANTS = ("bulk_4w3s", "cp_4w3s", "bulk_2w4s", "tma_4w3s")
 DECODE_VARIANT_ENV = "FAE_DECODE_VARIANT"
-# Written without a GPU and never run yet (tma_4w3s, 2026-11-30): selectable by name, but the test matrix and the
-# sanitizer cases leave them out unless FAE_TEST_UNVERIFIED_DECODE=1, so a variant that hangs or faults cannot take
-# the whole GPU test run with it. Move a name out of here once its tests have passed on a GPU.
-UNVERIFIED_DECODE_VARIANTS = ("tma_4w3s",)
-
-
-def tested_decode_variants():
-    """The variants the GPU tests iterate: all but the unverified ones, unless FAE_TEST_UNVERIFIED_DECODE=1."""
-    import os
-    if os.environ.get("FAE_TEST_UNVERIFIED_DECODE") == "1":
-        return DECODE_VARIANTS
-    return tuple(v for v in DECODE_VARIANTS if v not in UNVERIFIED_DECODE_VARIANTS)
 
 
 def decode_head_dims():
@@ -410,5 +398,4 @@ def merge_states(o_a, lse_a, o_b, lse_b):
 
 
 __all__ = ["attention_with_kvcache", "merge_states", "DecodeWorkspace", "kvcache_reference",
-           "merge_states_reference", "gather_kv", "decode_head_dims", "DECODE_VARIANTS", "DECODE_VARIANT_ENV",
-           "UNVERIFIED_DECODE_VARIANTS", "tested_decode_variants"]
+           "merge_states_reference", "gather_kv", "decode_head_dims", "DECODE_VARIANTS", "DECODE_VARIANT_ENV"]

@@ -17,7 +17,7 @@ import torch
 import flashattn_ext
 from flashattn_ext import DecodeWorkspace, PagedKVCache, attention_with_kvcache, merge_states
 from flashattn_ext.kvcache import (DECODE_VARIANT_ENV, DECODE_VARIANTS, append_reference, gather_kv,
-                                   merge_states_reference, tested_decode_variants)
+                                   merge_states_reference)
 from flashattn_ext.reference import attention_reference
 from flashattn_ext.testing import lse_check, max_abs_err, two_x_rule
 
@@ -330,7 +330,7 @@ def need_dim(D):
         pytest.skip(f"decode head dim {D} not compiled (have {decode_dims()})")
 
 
-@pytest.fixture(params=tested_decode_variants())
+@pytest.fixture(params=DECODE_VARIANTS)
 def variant(request, monkeypatch):
     """Runs the test once per split-kernel variant (the op reads FAE_DECODE_VARIANT on every call)."""
     monkeypatch.setenv(DECODE_VARIANT_ENV, request.param)

@@ -17,10 +17,8 @@ import pytest
 import torch
 
 from flashattn_ext import attention_with_kvcache
-from flashattn_ext.kvcache import DECODE_VARIANT_ENV, decode_head_dims, kvcache_reference, tested_decode_variants
+from flashattn_ext.kvcache import DECODE_VARIANT_ENV, DECODE_VARIANTS, decode_head_dims, kvcache_reference
 from flashattn_ext.testing import OUT_FLOOR, lse_check, max_abs_err
-
-VARIANTS = tested_decode_variants()  # the split-kernel variants the seeds rotate through
 
 FAST_CASES = 50
 SLOW_CASES = int(os.environ.get("FLASHATTN_EXT_KVCACHE_FUZZ", "1000"))
@@ -147,7 +145,7 @@ def test_kvcache_fuzz_cpu_reference_path(seed):
 @pytest.mark.requires_cuda_ext
 @pytest.mark.parametrize("seed", range(FAST_CASES))
 def test_kvcache_fuzz_fast(seed, monkeypatch):
-    monkeypatch.setenv(DECODE_VARIANT_ENV, VARIANTS[seed % len(VARIANTS)])  # each variant in turn
+    monkeypatch.setenv(DECODE_VARIANT_ENV, DECODE_VARIANTS[seed % len(DECODE_VARIANTS)])  # each variant in turn
     run_case(seed, "cuda")
 
 
@@ -155,5 +153,5 @@ def test_kvcache_fuzz_fast(seed, monkeypatch):
 @pytest.mark.requires_cuda_ext
 @pytest.mark.parametrize("seed", range(20_000, 20_000 + SLOW_CASES))
 def test_kvcache_fuzz_slow(seed, monkeypatch):
-    monkeypatch.setenv(DECODE_VARIANT_ENV, VARIANTS[seed % len(VARIANTS)])
+    monkeypatch.setenv(DECODE_VARIANT_ENV, DECODE_VARIANTS[seed % len(DECODE_VARIANTS)])
     run_case(seed, "cuda")
