@@ -3,7 +3,8 @@
 # forward and backward probes in parallel, then checks and times each (under timeouts: a hung mbarrier wait
 # must not burn the call), then profiles one shape of each with ncu.
 #   FWD_VARIANTS / BWD_VARIANTS: space-separated; "base" = the defaults, else comma-separated -D macros
-#   NCU=0 skips the profiles; NCU_FWD / NCU_BWD: the probe's "one" arguments of the profiled shape
+#   NCU=0 skips the profiles; NCU_FWD / NCU_BWD: the probe's "one" arguments of the profiled shape;
+#   NCU_SOURCE=1 adds per-SASS-instruction warp stall samples (ncu_<fwd|bwd>_source.csv)
 # Logs under $OUT (or /tmp/o): probe_<fwd|bwd>_<variant>.log, ncu_<fwd|bwd>.log.
 set -uo pipefail
 OUT=${OUT:-/tmp/o}; mkdir -p "$OUT"
@@ -48,4 +49,15 @@ if [ "${NCU:-1}" = 1 ] && command -v ncu > /dev/null; then
   timeout 150 ncu --clock-control none -k regex:fa3_bwd_dkdv --launch-skip 2 --launch-count 1 $sections --metrics $metrics \
     /tmp/probe_bwd_$(tag_of "$first") one ${NCU_BWD:-128 1 16 16 16384 0} > "$OUT/ncu_bwd.log" 2>&1
   echo "ncu bwd rc=$?"
+  if [ "${NCU_SOURCE:-0}" = 1 ]; then
+    for kind in fwd bwd; do
+      vars=$FWD_VARIANTS; kern=fa3_fwd; shape=${NCU_FWD:-128 1 16 16384 0}
+      [ $kind = bwd ] && { vars=$BWD_VARIANTS; kern=fa3_bwd_dkdv; shape=${NCU_BWD:-128 1 16 16 16384 0}; }
+      first=$(echo $vars | cut -d' ' -f1)
+      timeout 150 ncu --clock-control none -k regex:$kern --launch-skip 2 --launch-count 1 --section SourceCounters \
+        --section WarpStateStats --page source --print-source sass --csv /tmp/probe_${kind}_$(tag_of "$first") one $shape \
+        > "$OUT/ncu_${kind}_source.csv" 2>&1
+      echo "ncu $kind source rc=$? $(wc -l < "$OUT/ncu_${kind}_source.csv") lines"
+    done
+  fi
 fi
