@@ -365,30 +365,6 @@ def test_gpu_page_sizes_and_lengths(page_size, L, variant):
 
 
 @cuda
-@pytest.mark.parametrize("page_size", [8, 24, 32, 48, 100, 128])
-@pytest.mark.parametrize("L", [64, 65, 200, 1031])
-def test_gpu_page_runs(page_size, L, variant):
-    # The page sizes where the tensor copies of tma_4w3s take runs of gcd(page size, 64) keys: 8, 8, 32, 16, (4:
-    # row by row), 64; lengths ending on, just past and inside a run, so the run holding a sequence's end (NaN
-    # slots after it, make_case) goes row by row. The other variants see the same shapes.
-    run_case(2, 16, 4, 1, 128 if 128 in decode_dims() else 64, [L - 1, max(0, L // 3 - 1)], page_size, BF16)
-
-
-@cuda
-def test_gpu_broadcast_cache(variant):
-    # A cache broadcast over its kv heads (stride 0, accepted: a multiple of 8 elements) is read as it is; the
-    # tensor copies of tma_4w3s cannot describe a zero stride and copy it row by row.
-    D = decode_dims()[-1]
-    c = make_case(2, 4, 1, 1, D, [300, 77], 16, BF16, DEV, seed_of("broadcast"), append=False)
-    k = c["k_pages"].expand(-1, -1, 2, -1)
-    v = c["v_pages"].expand(-1, -1, 2, -1)
-    assert k.stride(2) == 0
-    with torch.no_grad():
-        out, lse = attention_with_kvcache(c["q"], k, v, c["lens"], c["table"], return_lse=True)
-    check_rows(out, lse, c["q"], k, v, c["table"], [300, 77])
-
-
-@cuda
 @pytest.mark.parametrize("Hq,Hkv", [(8, 8), (8, 2), (16, 2), (8, 1)], ids=["mha", "gqa4", "gqa8", "mqa"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [FP16, BF16], ids=["fp16", "bf16"])

@@ -7,8 +7,7 @@
 //                          block's rows are the (query row, head) pairs of ALL Hq/Hkv query heads of its kv head,
 //                          so each K/V row is loaded once for the whole group. The block walks its split's chunk
 //                          of the keys in tiles of kWarps * 16 keys fetched through the block table (16-byte
-//                          cp.async gathers, one bulk copy per row, or one TMA tensor copy per run of keys of one
-//                          page: DecodeTraits) into a kStages-deep
+//                          cp.async gathers, or one bulk copy per row: DecodeTraits) into a kStages-deep
 //                          shared-memory ring; the block table entries of a tile are read one tile ahead of
 //                          its copies, so their latency never stalls the copy issue (page size 1 reads one
 //                          entry per key); warp w takes keys [16w, 16w + 16) of each tile, computes
@@ -24,7 +23,6 @@
 // length or block table entry can fault or write outside the cache: lengths to [0, capacity], and positions whose
 // page entry is out of range are zero-filled and masked (never read) or, when appending, skipped.
 #pragma once
-#include <cuda.h>  // CUtensorMap
 #include <cuda_runtime.h>
 #include "../../common/mask.h"
 #include "../../common/params.h"
@@ -37,34 +35,16 @@
 
 namespace fae {
 
-// How the split kernel fills its K/V ring (the `load` column of FAE_DECODE_VARIANTS):
-//   kCpAsync  each thread gathers 16-byte chunks with cp.async (any arch >= sm_80).
-//   kBulkRows each thread copies one whole K or V row (kHeadDim * 2 bytes) with a 1-D bulk copy (cp.async.bulk,
-//             sm_90) completing on the stage's mbarrier: one instruction per row instead of kHeadDim / 8, and the
-//             bytes in flight are tracked by the copy engine, not the LSU. A tile is 2 * kBlockN copies.
-//   kTmaRuns  as kBulkRows, but a run of box_rows consecutive keys of one page (DecodeTmaMaps) is ONE tensor copy
-//             (cp.async.bulk.tensor) issued by the run's first thread: per tile one K and one V copy when
-//             pages hold a whole tile, four each with 16-key pages. Runs the copy cannot take (a bad page entry,
-//             keys past the sequence's end, a cache the map cannot describe: box_rows 0) are copied or
-//             zero-filled row by row as kBulkRows.
-enum class DecodeLoad { kCpAsync, kBulkRows, kTmaRuns };
-
-// The kTmaRuns copies' tensor maps over the K and V caches, both viewed as (head_dim, kv heads, page_size,
-// num_pages) (a contiguous cache: one page per sequence), and the keys one copy takes: a power of two >= 8 that
-// divides the tile and the page size, or 0 for no tensor copies (decode_tma.h builds them on the host).
-struct DecodeTmaMaps {
-  CUtensorMap k, v;
-  int box_rows;
-};
-
 // The split kernel's shape and its speed knobs (all compile-time; decode_launch.cuh lists the variants built):
 //   kWarps   warps per block; each warp takes 16 keys of a tile, so a tile is kWarps * 16 keys.
 //   kStages  tiles in the shared-memory ring (kStages - 1 in flight while one is computed).
-//   kLoad    how the ring is filled (DecodeLoad above); kBulk: by mbarrier-tracked copies (sm_90).
+//   kBulk    false: each thread gathers 16-byte chunks with cp.async (any arch >= sm_80).
+//            true:  each thread copies one whole K or V row (kHeadDim * 2 bytes) with a 1-D bulk copy
+//                   (cp.async.bulk, sm_90) completing on the stage's mbarrier: one instruction per row instead
+//                   of kHeadDim / 8, and the bytes in flight are tracked by the copy engine, not the LSU.
 //   kPrefetch  tiles beyond the ring whose rows are prefetched into L2 only (no shared memory): more bytes in
 //              flight per SM than the ring holds, and the ring's own copies then hit L2. 0: none.
-template <typename T_, int kHeadDim_, int kWarps_ = 4, int kStages_ = 3, DecodeLoad kLoad_ = DecodeLoad::kCpAsync,
-          int kPrefetch_ = 0>
+template <typename T_, int kHeadDim_, int kWarps_ = 4, int kStages_ = 3, bool kBulk_ = false, int kPrefetch_ = 0>
 struct DecodeTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -74,9 +54,7 @@ struct DecodeTraits {
   static constexpr int kWarpN = 16;                // keys per warp per tile
   static constexpr int kBlockN = kWarps * kWarpN;  // keys per tile
   static constexpr int kStages = kStages_;
-  static constexpr DecodeLoad kLoad = kLoad_;
-  static constexpr bool kBulk = kLoad != DecodeLoad::kCpAsync;
-  static constexpr bool kTma = kLoad == DecodeLoad::kTmaRuns;
+  static constexpr bool kBulk = kBulk_;
   static constexpr int kPrefetch = kPrefetch_;
   static constexpr int kDTiles = kHeadDim / 8;
   using QTile = SmemTile<kBlockM, kHeadDim>;
@@ -92,20 +70,13 @@ struct DecodeTraits {
   static constexpr int kEpilogueBytes = kWarps * kBlockM * kOPitch * 4 + 2 * kWarps * kBlockM * 4;
   static constexpr int kRingBytes = 2 * kStages * KVTile::kBytes;
   // Shared memory: [one mbarrier per stage (bulk only), padded to 16 bytes][Q tile][K/V ring | epilogue].
-  // kTmaRuns: a tensor copy must land 128-byte aligned, so the base is aligned up in the kernel (kAlignSlack
-  // bytes reserved for it) and the barriers take 128 bytes; the Q tile, each K/V tile and every 8th row of one
-  // ((kHeadDim + 8) * 2 bytes = 16 mod 128) then start 128-byte aligned (checked below).
-  static constexpr int kBarBytes = kTma ? (kStages * 8 + 127) / 128 * 128 : kBulk ? (kStages * 8 + 15) / 16 * 16 : 0;
-  static constexpr int kAlignSlack = kTma ? 128 : 0;
-  static constexpr int kSmemBytes = kAlignSlack + kBarBytes + QTile::kBytes +
-                                    (kRingBytes > kEpilogueBytes ? kRingBytes : kEpilogueBytes);
+  static constexpr int kBarBytes = kBulk ? (kStages * 8 + 15) / 16 * 16 : 0;
+  static constexpr int kSmemBytes =
+      kBarBytes + QTile::kBytes + (kRingBytes > kEpilogueBytes ? kRingBytes : kEpilogueBytes);
   static_assert(kHeadDim % 16 == 0 && kThreads % kChunksPerRow == 0 && kBlockN % kRowStep == 0, "tile shape");
   static_assert(kThreads == 2 * kBlockN, "bulk copies and L2 prefetches: one K or V row per thread");
   static_assert(kStages >= 2, "the ring needs a stage in flight while one is computed");
   static_assert(QTile::kBytes % 16 == 0, "epilogue staging must stay 16-byte aligned");
-  static_assert(!kTma || (QTile::kBytes % 128 == 0 && KVTile::kBytes % 128 == 0 && 8 * KVTile::kPitchBytes % 128 == 0 &&
-                          (kBlockN & (kBlockN - 1)) == 0),
-                "tensor copies: tiles and every 8th row 128-byte aligned, runs of a power-of-two tile");
 };
 
 // pos -> (logical page, row in page) without an integer division when the page size is a power of two (every

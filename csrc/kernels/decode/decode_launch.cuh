@@ -4,9 +4,8 @@
 //
 // The split kernel is built in a few variants (DecodeTraits knobs) so one GPU run can compare them: the
 // environment variable FAE_DECODE_VARIANT names the one to use (read on every call, so a benchmark can switch
-// between calls; a graph replays the variant it captured). Unset: kDefaultDecodeVariant. Bulk and TMA variants
-// need sm_90; on an older GPU (or a build without sm_90 code) they fall back to the cp.async variant of the same
-// shape.
+// between calls; a graph replays the variant it captured). Unset: kDefaultDecodeVariant. Bulk variants need
+// sm_90; on an older GPU they fall back to the cp.async variant of the same shape.
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdlib>
@@ -16,7 +15,6 @@
 #include "../launch.h"
 #include "append_kernel.cuh"
 #include "combine_kernel.cuh"
-#include "decode_tma.h"
 #include "split_kv_kernel.cuh"
 
 namespace fae {
@@ -24,21 +22,18 @@ namespace fae {
 // Measured on the H200 (bench/NOTES.md, decode rework): bulk_4w3s beats cp_4w3s on every row (page 1: 1.8 -> 3.3
 // TB/s at B >= 16) and every other shape tried (cp_2w4s, bulk_2w6s, L2-prefetch forms: all slower, dropped to keep
 // the build small). cp_4w3s stays as the sm_80 path; bulk_2w4s (3 blocks/SM) as the runner-up to re-measure.
-// tma_4w3s (not measured yet) tests whether bulk_4w3s is capped by its 128 copies per tile: the same shape with
-// one tensor copy per run of keys of one page (bench/NOTES.md, issue 14 rework).
-//                               name          warps stages load                   L2-prefetch tiles
+//                               name              warps stages bulk L2-prefetch tiles
 #define FAE_DECODE_VARIANTS(X) \
-  X(0, "bulk_4w3s", 4, 3, DecodeLoad::kBulkRows, 0) /* 64-key tiles, one 1-D bulk copy per K/V row, 2 blocks/SM */ \
-  X(1, "cp_4w3s", 4, 3, DecodeLoad::kCpAsync, 0)    /* 64-key tiles, 16-byte cp.async gathers, 2 blocks/SM */ \
-  X(2, "bulk_2w4s", 2, 4, DecodeLoad::kBulkRows, 0) /* 32-key tiles, bulk rows, 4 stages, 3 blocks/SM */ \
-  X(3, "tma_4w3s", 4, 3, DecodeLoad::kTmaRuns, 0)   /* 64-key tiles, one TMA copy per page run, 2 blocks/SM */
+  X(0, "bulk_4w3s", 4, 3, true, 0)       /* 64-key tiles, one 1-D bulk copy per K/V row, 2 blocks/SM */ \
+  X(1, "cp_4w3s", 4, 3, false, 0)        /* 64-key tiles, 16-byte cp.async gathers, 2 blocks/SM */ \
+  X(2, "bulk_2w4s", 2, 4, true, 0)       /* 32-key tiles, bulk rows, 4 stages, 3 blocks/SM */
 constexpr int kDefaultDecodeVariant = 0;
 
 // The variant FAE_DECODE_VARIANT names (kDefaultDecodeVariant when unset or empty); throws on an unknown name.
 inline int decode_variant_from_env() {
   const char* env = std::getenv("FAE_DECODE_VARIANT");
   if (env == nullptr || env[0] == '\0') return kDefaultDecodeVariant;
-#define FAE_DECODE_VARIANT_NAME(id, name, warps, stages, load, prefetch) \
+#define FAE_DECODE_VARIANT_NAME(id, name, warps, stages, bulk, prefetch) \
   if (std::strcmp(env, name) == 0) return id;
   FAE_DECODE_VARIANTS(FAE_DECODE_VARIANT_NAME)
 #undef FAE_DECODE_VARIANT_NAME
@@ -48,8 +43,8 @@ inline int decode_variant_from_env() {
 }
 
 // Whether the code of `Kernel` that runs on this process's GPUs was compiled for sm_90 or later, i.e. holds the
-// bulk-copy, tensor-copy and griddepcontrol paths (a build with only sm_80 code runs its PTX on a Hopper: those
-// paths are compiled out there). A host-side query (no sync), once per kernel.
+// bulk-copy and griddepcontrol paths (a build with only sm_80 code runs its PTX on a Hopper: those paths are
+// compiled out there). A host-side query (no sync), once per kernel.
 template <auto Kernel>
 bool compiled_for_sm90() {
   static const bool yes = [] {
@@ -60,23 +55,16 @@ bool compiled_for_sm90() {
   return yes;
 }
 
-// The split kernel of traits Tr: the kTmaRuns variants take their tensor maps as a second parameter.
-template <typename Tr>
-constexpr auto decode_split_kernel_of() {
-  if constexpr (Tr::kTma) return &decode_split_tma_kernel<Tr>;
-  else return &decode_split_kernel<Tr>;
-}
-
-// Calls f(DecodeTraits of the selected variant). A bulk or TMA variant whose code for this GPU is not sm_90 code
-// (an older GPU, or a build without sm_90) runs as the cp.async variant of the same shape.
+// Calls f(DecodeTraits of the selected variant). A bulk variant whose code for this GPU is not sm_90 code (an
+// older GPU, or a build without sm_90) runs as the cp.async variant of the same shape.
 template <typename T, int kHeadDim, typename F>
 void decode_variant_switch(F&& f) {
   switch (decode_variant_from_env()) {
-#define FAE_DECODE_VARIANT_CASE(id, name, warps, stages, load, prefetch)                           \
+#define FAE_DECODE_VARIANT_CASE(id, name, warps, stages, bulk, prefetch)                            \
   case id: {                                                                                       \
-    using Chosen = DecodeTraits<T, kHeadDim, warps, stages, load, prefetch>;                       \
-    if (Chosen::kBulk && !compiled_for_sm90<decode_split_kernel_of<Chosen>()>())                   \
-      f(DecodeTraits<T, kHeadDim, warps, stages, DecodeLoad::kCpAsync, prefetch>{});               \
+    using Chosen = DecodeTraits<T, kHeadDim, warps, stages, bulk, prefetch>;                       \
+    if (bulk && !compiled_for_sm90<decode_split_kernel<Chosen>>())                                 \
+      f(DecodeTraits<T, kHeadDim, warps, stages, false, prefetch>{});                              \
     else                                                                                           \
       f(Chosen{});                                                                                 \
     return;                                                                                        \
@@ -118,10 +106,10 @@ void launch_programmatic_dependent(int64_t blocks, int threads, const KvCachePar
 template <typename Tr>
 int decode_blocks_per_sm_of() {
   static const int blocks = [] {
-    constexpr auto kernel = decode_split_kernel_of<Tr>();
-    set_smem_limit_once<kernel>(Tr::kSmemBytes, "decode_split");
+    set_smem_limit_once<decode_split_kernel<Tr>>(Tr::kSmemBytes, "decode_split");
     int n = 0;
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Tr::kThreads, Tr::kSmemBytes),
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_split_kernel<Tr>, Tr::kThreads,
+                                                             Tr::kSmemBytes),
                "cudaOccupancyMaxActiveBlocksPerMultiprocessor(decode_split)");
     return n > 0 ? n : 1;
   }();
@@ -136,19 +124,6 @@ int decode_blocks_per_sm() {
   return blocks;
 }
 
-// The split kernel of a kTmaRuns variant: its tensor maps encoded on the host for this call's cache (two
-// cuTensorMapEncodeTiled calls, none when the cache cannot be read by tensor copies), passed by value.
-template <typename Tr>
-void launch_decode_split_tma(int64_t blocks, const KvCacheParams& p, cudaStream_t stream) {
-  if (blocks <= 0) return;
-  constexpr auto kernel = decode_split_tma_kernel<Tr>;
-  const unsigned grid = grid_size(blocks, "decode_split");
-  const DecodeTmaMaps maps = decode_tma_maps<Tr>(p);
-  set_smem_limit_once<kernel>(Tr::kSmemBytes, "decode_split");
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps);
-  check_cuda(cudaGetLastError(), "decode_split");
-}
-
 template <typename T, int kHeadDim>
 void run_kvcache_fwd(const KvCacheParams& p, cudaStream_t stream) {
   if (p.k_new != nullptr && p.seqlen_new > 0) {
@@ -158,8 +133,7 @@ void run_kvcache_fwd(const KvCacheParams& p, cudaStream_t stream) {
   const int64_t blocks = static_cast<int64_t>(p.num_splits) * p.num_m_blocks * p.batch * p.heads_kv;
   decode_variant_switch<T, kHeadDim>([&](auto tr) {
     using Tr = decltype(tr);
-    if constexpr (Tr::kTma) launch_decode_split_tma<Tr>(blocks, p, stream);
-    else launch<decode_split_kernel<Tr>>(blocks, Tr::kThreads, Tr::kSmemBytes, p, stream, "decode_split");
+    launch<decode_split_kernel<Tr>>(blocks, Tr::kThreads, Tr::kSmemBytes, p, stream, "decode_split");
   });
   if (blocks > 0 && p.num_splits > 1) {
     constexpr int kRowsPerBlock = 128 / (kHeadDim / 4);

@@ -7,10 +7,8 @@
 
 namespace fae {
 
-// The kernel's body; maps: the tensor maps of a kTmaRuns variant (a __grid_constant__ parameter of
-// decode_split_tma_kernel), else null.
 template <typename Tr>
-__device__ __forceinline__ void decode_split_body(const KvCacheParams& p, [[maybe_unused]] const DecodeTmaMaps* maps) {
+__global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid_constant__ KvCacheParams p) {
   using T = typename Tr::T;
   constexpr int kD = Tr::kHeadDim, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kWarpN = Tr::kWarpN;
   constexpr int kDT = Tr::kDTiles, kStages = Tr::kStages, kWarps = Tr::kWarps;
@@ -18,11 +16,7 @@ __device__ __forceinline__ void decode_split_body(const KvCacheParams& p, [[mayb
   using QTile = typename Tr::QTile;
   using KVTile = typename Tr::KVTile;
 
-  extern __shared__ __align__(16) char smem_raw[];
-  // kTmaRuns: tensor copies land on 128-byte aligned addresses (DecodeTraits::kBarBytes); the raw base is only
-  // guaranteed 16-byte aligned, kAlignSlack bytes are reserved to align it up.
-  char* const smem = Tr::kTma ? reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 127) & ~uintptr_t(127))
-                              : smem_raw;
+  extern __shared__ __align__(16) char smem[];
   [[maybe_unused]] uint64_t* bars = reinterpret_cast<uint64_t*>(smem);  // bulk: one mbarrier per ring stage
   const uint32_t sQbase = smem_addr(smem);
   const uint32_t sQ = sQbase + Tr::kBarBytes;
@@ -78,20 +72,9 @@ __device__ __forceinline__ void decode_split_body(const KvCacheParams& p, [[mayb
     }
   };
 
-  // kTmaRuns: keys per tensor copy (0: none, every row is copied as by kBulkRows).
-  [[maybe_unused]] const int box_rows = Tr::kTma ? maps->box_rows : 0;
-
   // Copies of tile `tile` (pages from fetch_pages) into ring stage `stage`. cp.async: one commit group per call
   // (empty past the split), waited with cp_async_wait. bulk: each thread arrives once on the stage's mbarrier
-  // (with its row's bytes, or after zero-filling its row), nothing past the split. kTmaRuns: the box_rows keys
-  // [pos & -box_rows, pos | (box_rows - 1)] around this thread's key pos lie in one page (box_rows divides the
-  // page size and the tile); when that page is valid and all of them are keys of the sequence, the run's first
-  // thread copies it with one tensor copy (box_rows padded rows: the shared-memory layout of box_rows row copies,
-  // the 8 pad columns zero-filled as out of bounds of the map, and the bytes the mbarrier expects) and the
-  // others only arrive. Every thread of a run decides alike: its page entry and the run's last key are the same.
-  // Other runs (a bad page, the run holding the sequence's end) go row by row: a key past the end is
-  // zero-filled, never copied, though it may be in a valid page (whatever is stored there, even NaN, must not
-  // reach P V).
+  // (with its row's bytes, or after zero-filling its row), nothing past the split.
   auto load_tile = [&](int stage, int tile, const int (&page)[Tr::kRowsPerThread]) {
     const uint32_t sK = sRing + 2 * stage * KVTile::kBytes, sV = sK + KVTile::kBytes;
     if constexpr (Tr::kBulk) {
@@ -101,19 +84,7 @@ __device__ __forceinline__ void decode_split_body(const KvCacheParams& p, [[mayb
         const int pos = tile * kBlockN + r0;
         const uint32_t dst = KVTile::addr(is_v ? sV : sK, r0, 0);
         uint64_t* bar = bars + stage;
-        bool in_run = false;
-        if constexpr (Tr::kTma) in_run = box_rows > 0 && page[0] >= 0 && (pos | (box_rows - 1)) < seqlen_k;
-        if (in_run) {
-          if constexpr (Tr::kTma) {
-            if ((r0 & (box_rows - 1)) == 0) {
-              const int row = pages.row_of(pos, pages.page_of(pos));
-              sm90::mbar_arrive_expect_tx(bar, box_rows * KVTile::kPitchBytes);
-              sm90::tma_load_4d(smem + (dst - sQbase), is_v ? &maps->v : &maps->k, bar, 0, hk, row, page[0]);
-            } else {
-              sm90::mbar_arrive(bar);
-            }
-          }
-        } else if (page[0] >= 0) {
+        if (page[0] >= 0) {
           const int row = pages.row_of(pos, pages.page_of(pos));
           const T* src = is_v ? v_base + page[0] * p.v_page_stride + row * p.v_row_stride
                               : k_base + page[0] * p.k_page_stride + row * p.k_row_stride;
@@ -192,9 +163,6 @@ __device__ __forceinline__ void decode_split_body(const KvCacheParams& p, [[mayb
     if (tid == 0) {
       for (int s = 0; s < kStages; ++s) sm90::mbar_init(bars + s, Tr::kThreads);
       sm90::mbar_fence_init();
-    }
-    if constexpr (Tr::kTma) {
-      if (box_rows > 0 && tid % kBlockN == 0) sm90::tma_prefetch_desc(tid < kBlockN ? &maps->k : &maps->v);
     }
     __syncthreads();  // the barriers are initialised before any thread arrives on them
 #else
@@ -363,19 +331,6 @@ __device__ __forceinline__ void decode_split_body(const KvCacheParams& p, [[mayb
       if (c == 0) p.ws_lse[ws_row] = st.lse();
     }
   }
-}
-
-template <typename Tr>
-__global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid_constant__ KvCacheParams p) {
-  decode_split_body<Tr>(p, nullptr);
-}
-
-// The kTmaRuns variants: the tensor maps must live in parameter (or constant/global) memory for the copies, so
-// they are a __grid_constant__ parameter, built by the host on every call (decode_tma.h).
-template <typename Tr>
-__global__ void __launch_bounds__(Tr::kThreads)
-    decode_split_tma_kernel(const __grid_constant__ KvCacheParams p, const __grid_constant__ DecodeTmaMaps maps) {
-  decode_split_body<Tr>(p, &maps);
 }
 
 }  // namespace fae
