@@ -1,7 +1,7 @@
 // Hopper (sm_90a) FlashAttention forward: TMA loads, wgmma, warp specialisation.
 //
-// Persistent: one block per SM striding over the (query tile of 128 rows, batch, head) tiles, heaviest first
-// (FAE_FA3_PERSISTENT=0: one block per tile), 3 warpgroups. Varlen (kVarlen, packed sequences): the tiles are
+// One block per SM striding over the (query tile of 128 rows, batch, head) tiles, heaviest first, or one block
+// per tile (the launcher picks: fwd_launch.cuh), 3 warpgroups. Varlen (kVarlen, packed sequences): the tiles are
 // counted by the longest sequence; a tile past its own sequence's end loads and stores nothing (fa3/seq.cuh).
 //   warpgroup 0 (producer): one thread issues TMA copies of Q tiles into kQBuffers buffers and of K/V tiles
 //     into a ring of kStages shared-memory stages, running ahead across tile boundaries; "full" mbarriers
@@ -212,6 +212,17 @@ struct Consumer {
 
 }  // namespace fa3
 
+namespace fa3 {
+// The tile a block takes in round `round` of a persistent grid: position blockIdx.x of the round, counted
+// backwards in odd rounds (a snake), so that over the heaviest-first numbering below each block's causal work
+// sums to about the same (a plain stride gives block 0 the heaviest tile of every round). One block per tile
+// (gridDim.x == tiles): round 0 only, tile = blockIdx.x.
+__device__ __forceinline__ int persistent_tile(int round) {
+  const int pos = (round & 1) ? static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
+  return round * static_cast<int>(gridDim.x) + pos;
+}
+}  // namespace fa3
+
 // Which (query tile, batch, head) a persistent block works on at its n-th step, its sequence and mask, and the
 // key tiles it visits. Tiles are numbered with the last (for causal: heaviest) query tiles first, so a static
 // stride over the numbering hands out the longest work first; consecutive numbers are consecutive heads of one
@@ -305,7 +316,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     tma_prefetch_desc(&tmap_k);
     tma_prefetch_desc(&tmap_v);
     int it = 0, q_it = 0;
-    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    for (int round = 0; round * static_cast<int>(gridDim.x) < num_tiles; ++round) {
+      const int tile = fa3::persistent_tile(round);
+      if (tile >= num_tiles) continue;
       const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, tile, num_m_blocks);
       if (tl.n_count == 0) continue;
       const int hk = tl.h / p.head_group;
@@ -364,7 +377,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if (cw == 1) sched_pass();
 
   int it = 0, q_it = 0;
-  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+  for (int round = 0; round * static_cast<int>(gridDim.x) < num_tiles; ++round) {
+    const int tile = fa3::persistent_tile(round);
+    if (tile >= num_tiles) continue;
     const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, tile, num_m_blocks);
     const int row0 = tl.m0 + cw * 64 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
     const int qb = q_it % kQBuffers;

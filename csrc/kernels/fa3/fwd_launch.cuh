@@ -14,16 +14,19 @@ void launch_fa3_fwd_kernel(const FwdParams& params, const CUtensorMap& tq, const
                            const CUtensorMap& tv, int num_tiles, cudaStream_t stream) {
   constexpr auto kernel = fa3_fwd_kernel<Tr, kVarlen>;
   set_smem_limit_once<kernel>(Tr::kSmemBytes, "fa3_fwd");
-  // Persistent: one block per SM (the tile needs all of its shared memory), each striding over the tiles, so a
-  // block's next Q and K/V tiles load while it finishes this tile and its O leaves through shared memory;
-  // FAE_FA3_PERSISTENT=0 (an A/B experiment): one block per tile (the kernel's tile loop then runs once).
+  // Persistent (one block per SM, striding over the tiles: the next tile's Q and K/V load under this one and
+  // O leaves through shared memory) or one block per tile (the hardware hands tiles to SMs as they free up:
+  // better balanced when tiles differ in length). Measured on the H200 (bench/NOTES.md): persistent wins where
+  // a tile's fixed cost weighs (short keys, unmasked rows), loses on long causal / window rows.
+  // FAE_FA3_PERSISTENT=1 / =0 force either (A/B experiments).
+  const bool masked = params.window_left >= 0 || params.window_right >= 0;
 #ifdef FAE_FA3_PERSISTENT
-  constexpr bool kPersistent = FAE_FA3_PERSISTENT;
+  const bool persistent = FAE_FA3_PERSISTENT;
 #else
-  constexpr bool kPersistent = true;
+  const bool persistent = !masked || params.seqlen_k <= 2048;
 #endif
   int grid = num_tiles;
-  if constexpr (kPersistent) {
+  if (persistent) {
     int device = 0, sms = 0;  // host-side attribute queries: no sync, capture-safe
     check_cuda(cudaGetDevice(&device), "cudaGetDevice");
     check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute(SMs)");
