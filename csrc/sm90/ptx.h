@@ -21,6 +21,14 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// `smem_raw` (the dynamic shared-memory array) advanced to the next 1024-byte boundary (the 128-byte swizzle
+// atom). Pointer arithmetic on the array itself, not a round trip through an integer: the compiler then still
+// knows the result is shared memory and emits STS/LDS for plain accesses through it (generic ST/LD otherwise,
+// measured in the SASS of the Hopper kernels).
+__device__ __forceinline__ char* align_smem_1024(char* smem_raw) {
+  return smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+}
+
 // ---- mbarrier (one 8-byte word in shared memory) ----
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));

@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   constexpr int kPanels = Tr::kPanels;
 
   extern __shared__ char smem_raw[];
-  char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  char* smem = align_smem_1024(smem_raw);
   char* sQ = smem;
   char* sDo = smem + Tr::kQBytes;
   char* sK = smem + Tr::kKOffset;                   // stage s at sK + s * kKVBytes

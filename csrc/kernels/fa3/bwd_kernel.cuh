@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   constexpr bool kDqSplit = kWithDq && Tr::kDqSplit, kDqBulk = kWithDq && Tr::kDqBulk;
 
   extern __shared__ char smem_raw[];
-  char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  char* smem = align_smem_1024(smem_raw);
   char* sK = smem;
   char* sV = sK + Tr::kKVBytes;
   char* sQ = smem + Tr::kQOffset;                   // stage s at sQ + s * kQBytes
@@ -291,21 +291,34 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   for (int i = 0; i < kD / 2; ++i) acc_dk[i] = acc_dv[i] = 0.f;
 
   const Steps steps(p, mask, n0, hk);
-  if (steps.count > 0) mbar_wait(bar_kv, 0);
+  // lse_log2 and Delta of a step's kBlockM query rows (padded row buffers: rows past seqlen_q hold +inf / 0)
+  // come from L2 one step ahead: lane l loads rows 2l and 2l + 1 (kBlockM = 64 = 2 x 32 lanes) while the step
+  // before runs, and at the step each thread shuffles out the 16 values its fragment needs. (Loaded at the step
+  // itself, the first use of lse still waited on L2 after the S GEMM: ncu's top stall, bench/NOTES.md.)
+  static_assert(kBlockM == 64, "one float2 of each row buffer per lane");
+  auto load_rows = [&](int s, float2& lse_rows, float2& delta_rows) {
+    const int64_t row = bwd_row0(p, seq, steps.head(s)) + steps.m0(s) + 2 * lane;
+    lse_rows = *reinterpret_cast<const float2*>(p.lse_log2 + row);
+    delta_rows = *reinterpret_cast<const float2*>(p.dsoftmax_sum + row);
+  };
+  float2 lse_next = make_float2(0.f, 0.f), delta_next = make_float2(0.f, 0.f);
+  if (steps.count > 0) {
+    load_rows(0, lse_next, delta_next);
+    mbar_wait(bar_kv, 0);
+  }
   for (int s = 0; s < steps.count; ++s) {
     const int stage = s % kStages, h = steps.head(s), m0 = steps.m0(s);
     const uint32_t q_base = sm90::smem_addr(sQ + stage * Tr::kQBytes);
     const uint32_t do_base = sm90::smem_addr(sDo + stage * Tr::kQBytes);
-    // lse_log2 and Delta of the tile's query rows (padded row buffers: rows past seqlen_q hold +inf / 0), read
-    // from L2 into registers before the wait for Q/dO: issued here, their latency hides behind that wait and
-    // the S / dP GEMMs (read after them, each was an exposed L2 round trip per step).
-    const int64_t row = bwd_row0(p, seq, h) + m0;
+    // This thread's query columns 8j + 2t, +1 are rows held by lane 4j + t.
     float2 lse_v[kBlockM / 8], delta_v[kBlockM / 8];
 #pragma unroll
     for (int j = 0; j < kBlockM / 8; ++j) {
-      lse_v[j] = *reinterpret_cast<const float2*>(p.lse_log2 + row + 8 * j + 2 * t);
-      delta_v[j] = *reinterpret_cast<const float2*>(p.dsoftmax_sum + row + 8 * j + 2 * t);
+      lse_v[j] = make_float2(__shfl_sync(0xffffffff, lse_next.x, 4 * j + t), __shfl_sync(0xffffffff, lse_next.y, 4 * j + t));
+      delta_v[j] =
+          make_float2(__shfl_sync(0xffffffff, delta_next.x, 4 * j + t), __shfl_sync(0xffffffff, delta_next.y, 4 * j + t));
     }
+    if (s + 1 < steps.count) load_rows(s + 1, lse_next, delta_next);
     mbar_wait(&bar_full[stage], (s / kStages) & 1);
 
     float acc_s[kBlockM / 2], acc_dp[kBlockM / 2];

@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   constexpr int kPanels = Tr::kPanels;
 
   extern __shared__ char smem_raw[];
-  char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  char* smem = align_smem_1024(smem_raw);
   constexpr int kQBuffers = Tr::kQBuffers;
   char* sQ = smem;                                  // Q buffer b at sQ + b * kQBytes
   char* sK = sQ + kQBuffers * Tr::kQBytes;          // stage s at sK + s * kKVBytes

@@ -16,14 +16,14 @@ void launch_fa3_fwd_kernel(const FwdParams& params, const CUtensorMap& tq, const
   set_smem_limit_once<kernel>(Tr::kSmemBytes, "fa3_fwd");
   // Persistent (one block per SM, striding over the tiles: the next tile's Q and K/V load under this one and
   // O leaves through shared memory) or one block per tile (the hardware hands tiles to SMs as they free up:
-  // better balanced when tiles differ in length). Measured on the H200 (bench/NOTES.md): persistent wins where
-  // a tile's fixed cost weighs (short keys, unmasked rows), loses on long causal / window rows.
-  // FAE_FA3_PERSISTENT=1 / =0 force either (A/B experiments).
+  // better balanced when tiles differ in length). Measured on the H200 (bench/NOTES.md, same run): persistent
+  // +3-9% at S1k, +4-5% at S4k, equal at D128 S16k, but -5% at D64 S16k causal, where the causal tiles are
+  // long and unequal. FAE_FA3_PERSISTENT=1 / =0 force either (A/B experiments).
   const bool masked = params.window_left >= 0 || params.window_right >= 0;
 #ifdef FAE_FA3_PERSISTENT
   const bool persistent = FAE_FA3_PERSISTENT;
 #else
-  const bool persistent = !masked || params.seqlen_k <= 2048;
+  const bool persistent = !masked || params.seqlen_k <= 8192;
 #endif
   int grid = num_tiles;
   if (persistent) {
