@@ -34,7 +34,11 @@ template <typename T_, int kHeadDim_>
 struct Fa3FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
+#ifdef FAE_FA3_D64_CONSUMERS  // experiment: 3 consumers (192-row tiles) at D64, as FA3 does
+  static constexpr int kConsumers = kHeadDim == 64 ? FAE_FA3_D64_CONSUMERS : 2;
+#else
   static constexpr int kConsumers = 2;              // consumer warpgroups, 64 query rows each
+#endif
   static constexpr int kBlockM = 64 * kConsumers;
 #ifdef FAE_FA3_BLOCK_N_D128
   static constexpr int kBlockN = kHeadDim == 128 ? FAE_FA3_BLOCK_N_D128 : kHeadDim < 128 ? 128 : 64;
@@ -60,7 +64,8 @@ struct Fa3FwdTraits {
   // Q buffers | K stages | V stages | mbarriers, after aligning the base to the 1024-byte swizzle atom.
   static constexpr int kBarrierOffset = kQBuffers * kQBytes + 2 * kStages * kKVBytes;
   static constexpr int kSmemBytes = kBarrierOffset + 8 * (2 * kQBuffers + 4 * kStages) + 1024;
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // 64K registers per SM: 128 x 24 for the producer, the rest split among the consumers (multiple of 8).
+  static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   // Q as the register operand of S = Q K^T (read from shared memory once per tile, with ldmatrix) instead of a
   // second shared-memory operand on every k-step: halves the shared-memory reads of that GEMM. D256 keeps Q in
   // shared memory: its O accumulator alone takes 128 registers.
@@ -223,10 +228,38 @@ __device__ __forceinline__ int persistent_tile(int round) {
 }
 }  // namespace fa3
 
-// Which (query tile, batch, head) a persistent block works on at its n-th step, its sequence and mask, and the
-// key tiles it visits. Tiles are numbered with the last (for causal: heaviest) query tiles first, so a static
-// stride over the numbering hands out the longest work first; consecutive numbers are consecutive heads of one
-// batch, so the query heads of one GQA group read the same K/V tiles from L2 at about the same time.
+namespace fa3 {
+// How the tiles are numbered: (batch, head) pairs are cut into chunks of `heads` pairs whose K/V fit in about
+// half of the L2; chunk by chunk, the query tiles are numbered last (for causal: heaviest) first, and inside a
+// query-tile index, consecutive heads. So the tiles running at one time (about 132 consecutive numbers) are
+// the few query tiles of a few heads whose K/V stay in L2 while all of them stream it, the query heads of a
+// GQA group are neighbours, and a static stride still hands out the longest work first. (Numbered over all
+// heads at once, short sequences with many heads ran K/V of ~132 heads at a time, far more than the L2: every
+// query tile re-read its K/V from memory.)
+struct TileOrder {
+  int heads;  // (batch, head) pairs per chunk
+  static constexpr int64_t kL2Budget = 24 << 20;  // bytes of K/V a chunk may keep in L2 (the H100/H200 L2: 50 MB)
+  __device__ __forceinline__ TileOrder(const FwdParams& p, int head_dim, int elt_bytes) {
+    const int64_t kv_bytes_per_head = 2ll * p.seqlen_k * head_dim * elt_bytes / p.head_group;  // K and V
+    const int64_t fit = kL2Budget / (kv_bytes_per_head > 0 ? kv_bytes_per_head : 1);
+    const int pairs = p.batch * p.heads_q;
+    heads = fit < 1 ? 1 : fit > pairs ? pairs : static_cast<int>(fit);
+#if defined(FAE_FA3_L2_CHUNKS) && !FAE_FA3_L2_CHUNKS  // A/B experiment: one chunk of every head (the old order)
+    heads = pairs;
+#endif
+  }
+  // {query tile, batch * heads_q + head} of tile number `tile`.
+  __device__ __forceinline__ int2 decode(const FwdParams& p, int tile, int num_m_blocks) const {
+    const int pairs = p.batch * p.heads_q;
+    const int chunk = tile / (num_m_blocks * heads), r = tile - chunk * num_m_blocks * heads;
+    const int in_chunk = min(heads, pairs - chunk * heads);  // the last chunk may be smaller
+    return make_int2(num_m_blocks - 1 - r / in_chunk, chunk * heads + r % in_chunk);
+  }
+};
+}  // namespace fa3
+
+// Which (query tile, batch, head) a block works on for a tile number (fa3::TileOrder), its sequence and mask,
+// and the key tiles it visits.
 template <typename Tr, bool kVarlen>
 struct Fa3Tile {
   int m_block, b, h, m0, m_end, n_end, n_count;
@@ -234,10 +267,18 @@ struct Fa3Tile {
   WindowMask mask;
 
   // padded_mask: the mask of every padded sequence (varlen tiles build their own).
-  __device__ __forceinline__ Fa3Tile(const FwdParams& p, const WindowMask& padded_mask, int tile, int num_m_blocks)
-      : m_block(num_m_blocks - 1 - tile / (p.batch * p.heads_q)),
-        b(tile % (p.batch * p.heads_q) / p.heads_q),
-        h(tile % (p.batch * p.heads_q) % p.heads_q),
+  __device__ __forceinline__ Fa3Tile(const FwdParams& p, const WindowMask& padded_mask, const fa3::TileOrder& order,
+                                     int tile, int num_m_blocks)
+      : Fa3Tile(p, padded_mask, order.decode(p, tile, num_m_blocks)) {}
+  // Key tile visited at step i of this tile: the last one first, so only the first steps can need a mask.
+  __device__ __forceinline__ int n0(int i) const { return (n_end - 1 - i) * Tr::kBlockN; }
+
+ private:
+  // coord: {query tile, batch * heads_q + head}
+  __device__ __forceinline__ Fa3Tile(const FwdParams& p, const WindowMask& padded_mask, int2 coord)
+      : m_block(coord.x),
+        b(coord.y / p.heads_q),
+        h(coord.y % p.heads_q),
         seq(fa3::sequence<kVarlen>(p, b)),
         mask(kVarlen ? WindowMask::of(p, seq) : padded_mask) {
     m0 = m_block * Tr::kBlockM;
@@ -250,8 +291,6 @@ struct Fa3Tile {
     // its epilogue stores nothing (every row >= seqlen_q). Padded tiles always start inside the sequence.
     if (kVarlen && m0 >= seq.seqlen_q) n_end = n_count = 0;
   }
-  // Key tile visited at step i of this tile: the last one first, so only the first steps can need a mask.
-  __device__ __forceinline__ int n0(int i) const { return (n_end - 1 - i) * Tr::kBlockN; }
 };
 
 template <typename Tr, bool kVarlen>
@@ -280,11 +319,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;  // varlen: of the longest sequence
   const WindowMask padded_mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
+  const fa3::TileOrder order(p, kD, static_cast<int>(sizeof(T)));
   if constexpr (kVarlen) {
     // One tile per block (not persistent) and that tile past its sequence's end: the whole block leaves before
     // any barrier (cheaper than the empty-tile path below for the many such blocks of a varlen grid).
     if (static_cast<int>(gridDim.x) >= num_tiles) {
-      const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, blockIdx.x, num_m_blocks);
+      const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, order, blockIdx.x, num_m_blocks);
       if (tl.m0 >= tl.seq.seqlen_q) return;
     }
   }
@@ -319,7 +359,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int round = 0; round * static_cast<int>(gridDim.x) < num_tiles; ++round) {
       const int tile = fa3::persistent_tile(round);
       if (tile >= num_tiles) continue;
-      const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, tile, num_m_blocks);
+      const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, order, tile, num_m_blocks);
       if (tl.n_count == 0) continue;
       const int hk = tl.h / p.head_group;
       const int qb = q_it % kQBuffers, q_use = q_it / kQBuffers;
@@ -364,23 +404,23 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   auto release = [&](uint64_t* bar) {
     if (lane == 0) mbar_arrive(bar);
   };
-  // Ping-pong (Tr::kPingPong): the two consumers take turns issuing their GEMMs, so one warpgroup's softmax
-  // runs while the other's GEMMs occupy the tensor cores. Named barrier 1 + cw is "consumer cw may issue";
-  // consumer 0 goes first (consumer 1's opening pass) and consumes consumer 1's closing pass at exit, so no
-  // arrive is left pending.
+  // Ping-pong (Tr::kPingPong): the consumers take turns issuing their GEMMs (in a ring), so one warpgroup's
+  // softmax runs while another's GEMMs occupy the tensor cores. Named barrier 1 + cw is "consumer cw may
+  // issue"; consumer 0 goes first (the last consumer's opening pass) and consumes the last consumer's closing
+  // pass at exit, so no arrive is left pending.
   auto sched_wait = [&] {
     if constexpr (Tr::kPingPong) named_sync(1 + cw, 256);
   };
   auto sched_pass = [&] {
-    if constexpr (Tr::kPingPong) named_arrive(2 - cw, 256);
+    if constexpr (Tr::kPingPong) named_arrive(1 + (cw + 1) % Tr::kConsumers, 256);
   };
-  if (cw == 1) sched_pass();
+  if (cw == Tr::kConsumers - 1) sched_pass();
 
   int it = 0, q_it = 0;
   for (int round = 0; round * static_cast<int>(gridDim.x) < num_tiles; ++round) {
     const int tile = fa3::persistent_tile(round);
     if (tile >= num_tiles) continue;
-    const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, tile, num_m_blocks);
+    const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, order, tile, num_m_blocks);
     const int row0 = tl.m0 + cw * 64 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
     const int qb = q_it % kQBuffers;
     char* sQw = sQ + qb * Tr::kQBytes + cw * 64 * 128;  // this warpgroup's 64 rows of the tile's Q buffer
@@ -488,7 +528,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           *reinterpret_cast<uint32_t*>(sQw + (j / 8) * Tr::kPanelQ + rr * 128 + (((j % 8) ^ (rr % 8)) << 4) + 4 * t) =
               fa3::pack2<T>(acc_o[4 * j + 2 * r] * inv[r], acc_o[4 * j + 2 * r + 1] * inv[r]);
         }
-      named_sync(3 + cw, 128);
+      named_sync(1 + Tr::kConsumers + cw, 128);  // ids past the ping-pong's
       constexpr int kChunks = kD / 8;  // 16-byte chunks per row
 #pragma unroll
       for (int k = 0; k < 64 * kChunks / 128; ++k) {
