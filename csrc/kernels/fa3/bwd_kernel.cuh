@@ -73,11 +73,11 @@ struct Fa3BwdTraits {
   // How dQ reaches dq_accum: per-thread vector atomics (row-major dq_accum), or staged in shared memory and
   // added by one bulk reduce per consumer and step (dq_accum in fragment order, bwd_dq.cuh).
   // Measured on the H200 (bench/NOTES.md): bulk is best at D128 (+20% over per-thread atomics, +1-4% over the
-  // split), per-thread atomics at D64 (bulk -8%).
+  // split) and, since the staging stores are STS (not generic stores), at D64 too (+38%, was -8%).
 #ifdef FAE_FA3_BWD_DQ_BULK
   static constexpr bool kDqBulk = FAE_FA3_BWD_DQ_BULK;
 #else
-  static constexpr bool kDqBulk = kHeadDim == 128;
+  static constexpr bool kDqBulk = true;
 #endif
   static constexpr int kDqPartBytes = kBlockM * kDqCols * 4;  // one consumer's dQ part (fp32)
   // K | V | Q stages | dO stages | dS^T per consumer | dQ part per consumer (bulk only) | mbarriers; the

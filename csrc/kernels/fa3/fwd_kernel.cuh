@@ -230,7 +230,7 @@ __device__ __forceinline__ int persistent_tile(int round) {
 
 namespace fa3 {
 // How the tiles are numbered: (batch, head) pairs are cut into chunks of `heads` pairs whose K/V fit in about
-// half of the L2; chunk by chunk, the query tiles are numbered last (for causal: heaviest) first, and inside a
+// half of the L2 (unmasked rows; see below); chunk by chunk, the query tiles are numbered last (for causal: heaviest) first, and inside a
 // query-tile index, consecutive heads. So the tiles running at one time (about 132 consecutive numbers) are
 // the few query tiles of a few heads whose K/V stay in L2 while all of them stream it, the query heads of a
 // GQA group are neighbours, and a static stride still hands out the longest work first. (Numbered over all
@@ -244,6 +244,10 @@ struct TileOrder {
     const int64_t fit = kL2Budget / (kv_bytes_per_head > 0 ? kv_bytes_per_head : 1);
     const int pairs = p.batch * p.heads_q;
     heads = fit < 1 ? 1 : fit > pairs ? pairs : static_cast<int>(fit);
+    // Masked (causal / window) rows: one chunk of every head, so the heaviest query tiles of all heads come
+    // first; measured on the H200 (bench/NOTES.md): chunks give +3-19% unmasked (S16k..S1k) but -11% at S4k
+    // causal, where a static stride over chunk after chunk balances the blocks' work worse.
+    if (p.window_left >= 0 || p.window_right >= 0) heads = pairs;
 #if defined(FAE_FA3_L2_CHUNKS) && !FAE_FA3_L2_CHUNKS  // A/B experiment: one chunk of every head (the old order)
     heads = pairs;
 #endif
