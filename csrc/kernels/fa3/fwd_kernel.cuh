@@ -420,106 +420,42 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   };
   if (cw == Tr::kConsumers - 1) sched_pass();
 
-  int it = 0, q_it = 0;
-  for (int round = 0; round * static_cast<int>(gridDim.x) < num_tiles; ++round) {
-    const int tile = fa3::persistent_tile(round);
-    if (tile >= num_tiles) continue;
-    const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, order, tile, num_m_blocks);
-    const int row0 = tl.m0 + cw * 64 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
-    const int qb = q_it % kQBuffers;
-    char* sQw = sQ + qb * Tr::kQBytes + cw * 64 * 128;  // this warpgroup's 64 rows of the tile's Q buffer
-    const uint32_t q_base = sm90::smem_addr(sQw);
-    // Keys past the sequence's length (zeros, or the next sequence's rows when packed) are masked here too.
-    auto needs_mask = [&](int i) {
-      return !tl.mask.tile_fully_visible(tl.m0, tl.m_end, tl.n0(i), tl.n0(i) + kBlockN);
-    };
+  using Tile = Fa3Tile<Tr, kVarlen>;
+  float acc_o[kD / 2];
+  float row_max[2], row_sum[2];  // log2 domain (scores * scale * log2 e); row_sum per thread, reduced at the end
+  float scale_o[2];
+  float acc_s[kBlockN / 2];
+  uint32_t p_frag[kBlockN / 16][4];
+  uint32_t q_frag[Tr::kQInRegs ? kD / 16 : 1][4];
+  auto q_rows_of = [&](int q_load) {  // this warpgroup's 64 rows of the Q buffer of the q_load-th Q load
+    return sQ + (q_load % kQBuffers) * Tr::kQBytes + cw * 64 * 128;
+  };
+  auto qk = [&](int it_k, uint32_t q_base) {
+    if constexpr (Tr::kQInRegs) C::issue_qk_rs(acc_s, q_frag, k_smem + stage_of(it_k) * Tr::kKVBytes);
+    else C::issue_qk(acc_s, q_base, k_smem + stage_of(it_k) * Tr::kKVBytes);
+  };
+  // Keys past the sequence's length (zeros, or the next sequence's rows when packed) are masked here too.
+  auto needs_mask = [](const Tile& tl, int i) {
+    return !tl.mask.tile_fully_visible(tl.m0, tl.m_end, tl.n0(i), tl.n0(i) + kBlockN);
+  };
+  auto row0_of = [&](const Tile& tl) { return tl.m0 + cw * 64 + warp * 16 + g; };  // and row0 + 8
 
-    float acc_o[kD / 2];
-#pragma unroll
-    for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
-    float row_max[2] = {-INFINITY, -INFINITY};         // log2 domain (scores * scale * log2 e)
-    float row_sum[2] = {0.f, 0.f};
-
-    // Software pipeline over the tile's K/V tiles: while the tensor cores run S(i) = Q K(i)^T and
-    // O += P(i-1) V(i-1), the warpgroup computes the softmax of S(i) as soon as S(i) is done, overlapping
-    // the PV GEMM of the previous tile.
-    float acc_s[kBlockN / 2];
-    uint32_t p_frag[kBlockN / 16][4];
-    uint32_t q_frag[Tr::kQInRegs ? kD / 16 : 1][4];
-    auto qk = [&](int it_k) {
-      if constexpr (Tr::kQInRegs) C::issue_qk_rs(acc_s, q_frag, k_smem + stage_of(it_k) * Tr::kKVBytes);
-      else C::issue_qk(acc_s, q_base, k_smem + stage_of(it_k) * Tr::kKVBytes);
-    };
-    float scale_o[2];
-    const int n = tl.n_count;
-    if (n > 0) {
-      mbar_wait(&bar_q[qb], (q_it / kQBuffers) & 1);
-      if constexpr (Tr::kQInRegs) C::load_q(q_frag, q_base, warp, lane);
-      mbar_wait(&bar_k[stage_of(it)], parity_of(it));
-      sched_wait();
-      wgmma_fence();
-      qk(it);
-      wgmma_commit();
-      sched_pass();
-      wgmma_wait<0>();
-      fence_regs(acc_s);
-      release(&bar_k_free[stage_of(it)]);
-      if (!Tr::kStagedO && n == 1) release(&bar_q_free[qb]);
-      C::softmax(acc_s, row_max, row_sum, scale_o, tl.mask, needs_mask(0), row0, tl.n0(0), t, p.scale_log2);
-      C::pack_p(p_frag, acc_s);
-    }
-    for (int i = 1; i < n; ++i) {
-      const int cur = it + i, prev = it + i - 1;
-      mbar_wait(&bar_k[stage_of(cur)], parity_of(cur));
-      mbar_wait(&bar_v[stage_of(prev)], parity_of(prev));
-      sched_wait();
-      wgmma_fence();
-      qk(cur);
-      wgmma_commit();
-      C::rescale_o(acc_o, scale_o);  // to the max of S(i-1), on the CUDA cores while S(i) runs
-      wgmma_fence();
-      C::issue_pv(acc_o, p_frag, v_smem + stage_of(prev) * Tr::kKVBytes);
-      wgmma_commit();
-      sched_pass();
-      wgmma_wait<1>();  // S(i) done; PV(i-1) may still run
-      fence_regs(acc_s);
-      release(&bar_k_free[stage_of(cur)]);
-      if (!Tr::kStagedO && i == n - 1) release(&bar_q_free[qb]);
-      C::softmax(acc_s, row_max, row_sum, scale_o, tl.mask, needs_mask(i), row0, tl.n0(i), t, p.scale_log2);
-      wgmma_wait<0>();  // PV(i-1) done: O and p_frag may be rewritten, V(i-1) released
-      fence_regs(acc_o);
-      release(&bar_v_free[stage_of(prev)]);
-      C::pack_p(p_frag, acc_s);
-    }
-    if (n > 0) {
-      const int last = it + n - 1;
-      mbar_wait(&bar_v[stage_of(last)], parity_of(last));
-      C::rescale_o(acc_o, scale_o);
-      sched_wait();
-      wgmma_fence();
-      C::issue_pv(acc_o, p_frag, v_smem + stage_of(last) * Tr::kKVBytes);
-      wgmma_commit();
-      sched_pass();
-      wgmma_wait<0>();
-      fence_regs(acc_o);
-      release(&bar_v_free[stage_of(last)]);
-      it += n;
-    }
-
-    // Epilogue: normalise, write O and lse, rows < the sequence's seqlen_q (nothing reaches the next packed
-    // sequence). The producer is already loading the next tile.
+  // Epilogue of a tile: normalise, write O and lse, rows < the sequence's seqlen_q (nothing reaches the next
+  // packed sequence). `sQw`: the tile's Q rows of this warpgroup (null: no Q buffer, store from registers).
+  auto epilogue = [&](const Tile& tl, char* sQw, const float (&rsum)[2], const float (&rmax)[2]) {
     T* o = tl.seq.q_side(static_cast<T*>(p.o), p.o_batch_stride, p.o_head_stride, p.o_row_stride, tl.h);
     float* lse = p.lse + lse_row0(p, tl.seq, tl.h);
+    const int row0 = row0_of(tl);
     float inv[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float sum = fa3::quad_sum(row_sum[r]);
+      const float sum = fa3::quad_sum(rsum[r]);
       inv[r] = sum > 0.f ? 1.f / sum : 0.f;
       const int row = row0 + 8 * r;
       if (t == 0 && row < tl.seq.seqlen_q)
-        lse[row] = sum > 0.f ? (row_max[r] + __log2f(sum)) * 0.69314718055994530942f : -INFINITY;
+        lse[row] = sum > 0.f ? (rmax[r] + __log2f(sum)) * 0.69314718055994530942f : -INFINITY;
     }
-    if (Tr::kStagedO && n > 0) {
+    if (Tr::kStagedO && sQw != nullptr) {
       // O in this warpgroup's rows of the Q buffer (its own Q rows; its S GEMMs are done), in Q's swizzled
       // layout: the pair at (row rr, columns 8j + 2t, +1) goes to 16-byte chunk (j % 8) ^ (rr % 8) of panel j / 8;
       // a warp's 8 rows hit 8 different chunks, no bank conflicts. Then 16-byte copies, consecutive threads
@@ -541,8 +477,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         const int row = tl.m0 + cw * 64 + rr;
         if (row < tl.seq.seqlen_q) *reinterpret_cast<uint4*>(o + static_cast<int64_t>(row) * p.o_row_stride + 8 * c) = v;
       }
-      fence_proxy_async_smem();  // these reads before the TMA load that refills the buffer
-      release(&bar_q_free[qb]);
     } else {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -555,7 +489,171 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
               fa3::pack2<T>(acc_o[4 * j + 2 * r] * inv[r], acc_o[4 * j + 2 * r + 1] * inv[r]);
       }
     }
-    if (n > 0) ++q_it;
+  };
+  // A tile with no visible key (varlen tiles past their sequence, rows a window leaves empty): zeros, lse -inf.
+  auto write_empty = [&](const Tile& tl) {
+    T* o = tl.seq.q_side(static_cast<T*>(p.o), p.o_batch_stride, p.o_head_stride, p.o_row_stride, tl.h);
+    float* lse = p.lse + lse_row0(p, tl.seq, tl.h);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0_of(tl) + 8 * r;
+      if (row >= tl.seq.seqlen_q) continue;
+      if (t == 0) lse[row] = -INFINITY;
+      T* orow = o + static_cast<int64_t>(row) * p.o_row_stride;
+#pragma unroll
+      for (int j = 0; j < kD / 8; ++j) *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) = 0u;
+    }
+  };
+  auto reset_state = [&] {
+#pragma unroll
+    for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
+    row_max[0] = row_max[1] = -INFINITY;
+    row_sum[0] = row_sum[1] = 0.f;
+  };
+
+  // This block's tiles in order (the producer walks the same order); a tile with no visible key gets its
+  // zeros and lse -inf here, on the way, and is skipped by both sides. Returns the next tile with work, or -1.
+  int round = 0;
+  auto find_tile = [&]() -> int {
+    for (; round * static_cast<int>(gridDim.x) < num_tiles; ++round) {
+      const int tile = fa3::persistent_tile(round);
+      if (tile >= num_tiles) continue;
+      const Tile tl(p, padded_mask, order, tile, num_m_blocks);
+      if (tl.n_count > 0) {
+        ++round;
+        return tile;
+      }
+      write_empty(tl);
+    }
+    return -1;
+  };
+
+  // `it` counts K/V tiles over the whole block (stage it % kStages), `q_it` Q loads (tiles with work).
+  int it = 0, q_it = 0;
+  int tile = find_tile();
+  if (tile >= 0) {
+    // The first S GEMM of tile tl (Q load q_it, K/V tile it), its softmax, P packed.
+    auto open_tile = [&](const Tile& tl) {
+      const uint32_t q_base = sm90::smem_addr(q_rows_of(q_it));
+      reset_state();
+      mbar_wait(&bar_q[q_it % kQBuffers], (q_it / kQBuffers) & 1);
+      if constexpr (Tr::kQInRegs) C::load_q(q_frag, q_base, warp, lane);
+      mbar_wait(&bar_k[stage_of(it)], parity_of(it));
+      sched_wait();
+      wgmma_fence();
+      qk(it, q_base);
+      wgmma_commit();
+      sched_pass();
+      wgmma_wait<0>();
+      fence_regs(acc_s);
+      release(&bar_k_free[stage_of(it)]);
+      if (!Tr::kStagedO && tl.n_count == 1) release(&bar_q_free[q_it % kQBuffers]);
+      C::softmax(acc_s, row_max, row_sum, scale_o, tl.mask, needs_mask(tl, 0), row0_of(tl), tl.n0(0), t, p.scale_log2);
+      C::pack_p(p_frag, acc_s);
+    };
+    open_tile(Tile(p, padded_mask, order, tile, num_m_blocks));
+    while (true) {
+      // Rebuilt from the tile number each time (a few integer ops) rather than carried: a Tile variable live
+      // across the loop costs registers that D256 does not have.
+      const Tile tl(p, padded_mask, order, tile, num_m_blocks);
+      // Software pipeline over the tile's K/V tiles: while the tensor cores run S(i) = Q K(i)^T and
+      // O += P(i-1) V(i-1), the warpgroup computes the softmax of S(i) as soon as S(i) is done, overlapping
+      // the PV GEMM of the previous tile.
+      const int n = tl.n_count, row0 = row0_of(tl);
+      const uint32_t q_base = sm90::smem_addr(q_rows_of(q_it));
+      for (int i = 1; i < n; ++i) {
+        const int cur = it + i, prev = it + i - 1;
+        mbar_wait(&bar_k[stage_of(cur)], parity_of(cur));
+        mbar_wait(&bar_v[stage_of(prev)], parity_of(prev));
+        sched_wait();
+        wgmma_fence();
+        qk(cur, q_base);
+        wgmma_commit();
+        C::rescale_o(acc_o, scale_o);  // to the max of S(i-1), on the CUDA cores while S(i) runs
+        wgmma_fence();
+        C::issue_pv(acc_o, p_frag, v_smem + stage_of(prev) * Tr::kKVBytes);
+        wgmma_commit();
+        sched_pass();
+        wgmma_wait<1>();  // S(i) done; PV(i-1) may still run
+        fence_regs(acc_s);
+        release(&bar_k_free[stage_of(cur)]);
+        if (!Tr::kStagedO && i == n - 1) release(&bar_q_free[q_it % kQBuffers]);
+        C::softmax(acc_s, row_max, row_sum, scale_o, tl.mask, needs_mask(tl, i), row0, tl.n0(i), t, p.scale_log2);
+        wgmma_wait<0>();  // PV(i-1) done: O and p_frag may be rewritten, V(i-1) released
+        fence_regs(acc_o);
+        release(&bar_v_free[stage_of(prev)]);
+        C::pack_p(p_frag, acc_s);
+      }
+      const int last = it + n - 1;
+      char* sQw = Tr::kStagedO ? q_rows_of(q_it) : nullptr;
+      // Two Q buffers: the next tile is looked up now, to be opened under this tile's last PV. One buffer: after
+      // the epilogue (no tile state of the next tile is live while O takes half of the registers).
+      int next = Tr::kQBuffers == 2 ? find_tile() : -1;
+      if (Tr::kQBuffers == 2 && next >= 0) {
+        // Across the tile boundary, as inside a tile: the next tile's first S GEMM is issued with this tile's
+        // last PV GEMM, and its softmax runs while that PV runs; then this tile's epilogue. (With one Q buffer
+        // the next Q loads only after this tile's last S: waiting for it here would delay the last PV.)
+        const Tile nt(p, padded_mask, order, next, num_m_blocks);
+        const int nq = q_it + 1, first = it + n;
+        const uint32_t nq_base = sm90::smem_addr(q_rows_of(nq));
+        mbar_wait(&bar_q[nq % kQBuffers], (nq / kQBuffers) & 1);
+        if constexpr (Tr::kQInRegs) C::load_q(q_frag, nq_base, warp, lane);
+        mbar_wait(&bar_k[stage_of(first)], parity_of(first));
+        mbar_wait(&bar_v[stage_of(last)], parity_of(last));
+        sched_wait();
+        wgmma_fence();
+        qk(first, nq_base);
+        wgmma_commit();
+        C::rescale_o(acc_o, scale_o);
+        wgmma_fence();
+        C::issue_pv(acc_o, p_frag, v_smem + stage_of(last) * Tr::kKVBytes);
+        wgmma_commit();
+        sched_pass();
+        wgmma_wait<1>();  // the next tile's S done; this tile's last PV may still run
+        fence_regs(acc_s);
+        release(&bar_k_free[stage_of(first)]);
+        const float rsum[2] = {row_sum[0], row_sum[1]}, rmax[2] = {row_max[0], row_max[1]};
+        row_max[0] = row_max[1] = -INFINITY;
+        row_sum[0] = row_sum[1] = 0.f;
+        C::softmax(acc_s, row_max, row_sum, scale_o, nt.mask, needs_mask(nt, 0), row0_of(nt), nt.n0(0), t,
+                   p.scale_log2);
+        wgmma_wait<0>();  // this tile's O is final
+        fence_regs(acc_o);
+        release(&bar_v_free[stage_of(last)]);
+        epilogue(tl, sQw, rsum, rmax);
+        fence_proxy_async_smem();  // the epilogue's shared-memory accesses before the TMA load that refills it
+        release(&bar_q_free[q_it % kQBuffers]);
+#pragma unroll
+        for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
+        C::pack_p(p_frag, acc_s);
+        it += n;
+        ++q_it;
+        tile = next;
+        continue;
+      }
+      // The last tile (or one Q buffer): the last PV alone, then the epilogue.
+      mbar_wait(&bar_v[stage_of(last)], parity_of(last));
+      C::rescale_o(acc_o, scale_o);
+      sched_wait();
+      wgmma_fence();
+      C::issue_pv(acc_o, p_frag, v_smem + stage_of(last) * Tr::kKVBytes);
+      wgmma_commit();
+      sched_pass();
+      wgmma_wait<0>();
+      fence_regs(acc_o);
+      release(&bar_v_free[stage_of(last)]);
+      epilogue(tl, sQw, row_sum, row_max);
+      if (Tr::kStagedO) {
+        fence_proxy_async_smem();  // the epilogue's shared-memory accesses before the TMA load that refills it
+        release(&bar_q_free[q_it % kQBuffers]);
+      }
+      it += n;
+      ++q_it;
+      if (Tr::kQBuffers == 1) next = find_tile();
+      if (next < 0) break;
+      tile = next;
+      open_tile(Tile(p, padded_mask, order, tile, num_m_blocks));
+    }
   }
   if (cw == 0) sched_wait();
 #endif
