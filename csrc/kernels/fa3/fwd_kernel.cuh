@@ -10,8 +10,9 @@
 //   warpgroups 1, 2 (consumers): 64 query rows each. S = Q K^T with both operands in shared memory,
 //     online softmax in registers (base 2, scale * log2(e) folded in), O += P V with P straight from the
 //     S accumulators (registers) and V read transposed from shared memory; S(i) is issued with PV(i-1) and
-//     the consumers take turns issuing (ping-pong). O is normalised and staged in the tile's Q buffer, then
-//     stored with 16-byte coalesced copies (D256, one Q buffer: straight from the accumulators).
+//     the consumers take turns issuing (ping-pong). Across tiles the same: the next tile's first S is issued
+//     with this tile's last PV (two Q buffers). O is normalised and staged in the tile's Q buffer, then stored
+//     with 16-byte coalesced copies (D256, one Q buffer: straight from the accumulators).
 // The FAE_FA3_* macros are tuning experiments (bench/fa3_variants.sh); the defaults are the measured best.
 // Shared-memory tiles are stored as the TMA writes them with the 128-byte swizzle: each 64-column panel of a
 // tile is rows x 128 bytes, 8-row atoms of 1024 bytes; the wgmma descriptors below address that layout.
