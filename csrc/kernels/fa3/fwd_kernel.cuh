@@ -435,6 +435,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if constexpr (Tr::kQInRegs) C::issue_qk_rs(acc_s, q_frag, k_smem + stage_of(it_k) * Tr::kKVBytes);
     else C::issue_qk(acc_s, q_base, k_smem + stage_of(it_k) * Tr::kKVBytes);
   };
+  // One turn of the pipeline: S = Q K(k_it)^T and O += P V(v_it) issued together (after O is rescaled to the
+  // max of the S that P came from, on the CUDA cores while S runs), in this consumer's ping-pong turn.
+  auto issue_qk_pv = [&](int k_it, uint32_t q_base, int v_it) {
+    sched_wait();
+    wgmma_fence();
+    qk(k_it, q_base);
+    wgmma_commit();
+    C::rescale_o(acc_o, scale_o);
+    wgmma_fence();
+    C::issue_pv(acc_o, p_frag, v_smem + stage_of(v_it) * Tr::kKVBytes);
+    wgmma_commit();
+    sched_pass();
+  };
   // Keys past the sequence's length (zeros, or the next sequence's rows when packed) are masked here too.
   auto needs_mask = [](const Tile& tl, int i) {
     return !tl.mask.tile_fully_visible(tl.m0, tl.m_end, tl.n0(i), tl.n0(i) + kBlockN);
@@ -566,15 +579,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         const int cur = it + i, prev = it + i - 1;
         mbar_wait(&bar_k[stage_of(cur)], parity_of(cur));
         mbar_wait(&bar_v[stage_of(prev)], parity_of(prev));
-        sched_wait();
-        wgmma_fence();
-        qk(cur, q_base);
-        wgmma_commit();
-        C::rescale_o(acc_o, scale_o);  // to the max of S(i-1), on the CUDA cores while S(i) runs
-        wgmma_fence();
-        C::issue_pv(acc_o, p_frag, v_smem + stage_of(prev) * Tr::kKVBytes);
-        wgmma_commit();
-        sched_pass();
+        issue_qk_pv(cur, q_base, prev);
         wgmma_wait<1>();  // S(i) done; PV(i-1) may still run
         fence_regs(acc_s);
         release(&bar_k_free[stage_of(cur)]);
@@ -601,15 +606,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         if constexpr (Tr::kQInRegs) C::load_q(q_frag, nq_base, warp, lane);
         mbar_wait(&bar_k[stage_of(first)], parity_of(first));
         mbar_wait(&bar_v[stage_of(last)], parity_of(last));
-        sched_wait();
-        wgmma_fence();
-        qk(first, nq_base);
-        wgmma_commit();
-        C::rescale_o(acc_o, scale_o);
-        wgmma_fence();
-        C::issue_pv(acc_o, p_frag, v_smem + stage_of(last) * Tr::kKVBytes);
-        wgmma_commit();
-        sched_pass();
+        issue_qk_pv(first, nq_base, last);
         wgmma_wait<1>();  // the next tile's S done; this tile's last PV may still run
         fence_regs(acc_s);
         release(&bar_k_free[stage_of(first)]);
