@@ -15,7 +15,6 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
                : "memory");
 }
 
-
 // *addr += (x, y) for two adjacent floats (8-byte aligned), one relaxed atomic per pair.
 __device__ __forceinline__ void red_add_v2(float* addr, float x, float y) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(addr), "f"(x), "f"(y) : "memory");

@@ -227,12 +227,10 @@ __device__ __forceinline__ int persistent_tile(int round) {
   const int pos = (round & 1) ? static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
   return round * static_cast<int>(gridDim.x) + pos;
 }
-}  // namespace fa3
 
-namespace fa3 {
 // How the tiles are numbered: (batch, head) pairs are cut into chunks of `heads` pairs whose K/V fit in about
-// half of the L2 (unmasked rows; see below); chunk by chunk, the query tiles are numbered last (for causal: heaviest) first, and inside a
-// query-tile index, consecutive heads. So the tiles running at one time (about 132 consecutive numbers) are
+// half of the L2 (unmasked rows; see below); chunk by chunk, the query tiles are numbered last (for causal:
+// heaviest) first, and inside a query-tile index, consecutive heads. So the tiles running at one time (about 132 consecutive numbers) are
 // the few query tiles of a few heads whose K/V stay in L2 while all of them stream it, the query heads of a
 // GQA group are neighbours, and a static stride still hands out the longest work first. (Numbered over all
 // heads at once, short sequences with many heads ran K/V of ~132 heads at a time, far more than the L2: every
