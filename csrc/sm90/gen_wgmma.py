@@ -12,7 +12,7 @@ trans_b is an immediate: 0 = B stored K-major (K rows, e.g. K), 1 = MN-major (V 
 """
 import pathlib
 
-SS_N = (64, 128, 176, 192)       # kBlockN choices for QK^T
+SS_N = (64, 96, 112, 128)        # kBlockN choices for QK^T (96, 112: the D64 key-tile experiment)
 RS_N = (64, 128, 256)            # head dims for PV (and the backward's dV += P^T dO)
 SS_TA_N = (64, 128)              # head dims for the backward's dQ = dS K
 SS_TB_N = (64, 128)              # head dims for the backward's dK += dS^T Q (dS^T from shared memory)

@@ -41,16 +41,13 @@ struct Fa3FwdTraits {
   static constexpr int kConsumers = 2;              // consumer warpgroups, 64 query rows each
 #endif
   static constexpr int kBlockM = 64 * kConsumers;
-#ifdef FAE_FA3_BLOCK_N_D128
-  static constexpr int kBlockN = kHeadDim == 128 ? FAE_FA3_BLOCK_N_D128 : kHeadDim < 128 ? 128 : 64;
+  // (kBlockN 176 and 3 K/V stages at D128 were measured, bench/NOTES.md; neither fits next to two Q buffers.)
+#ifdef FAE_FA3_BLOCK_N_D64  // experiment: narrower key tiles at D64 (register room for three consumers)
+  static constexpr int kBlockN = kHeadDim == 64 ? FAE_FA3_BLOCK_N_D64 : kHeadDim <= 128 ? 128 : 64;
 #else
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
 #endif
-#ifdef FAE_FA3_STAGES_D128
-  static constexpr int kStages = kHeadDim <= 64 ? 4 : kHeadDim == 128 ? FAE_FA3_STAGES_D128 : 2;
-#else
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
-#endif
   static constexpr int kPanels = kHeadDim / 64;     // 64-column (128-byte) swizzle panels per row
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kPanelQ = kBlockM * 128;     // bytes of one panel of the Q tile
