@@ -111,6 +111,8 @@ int main(int argc, char** argv) {
   if (do_time) {
     for (int causal = 0; causal < 2; ++causal) {
       time_case({64, 1, 32, 32, 16384, 16384, -1, causal ? 0 : -1}, causal);
+      time_case({64, 16, 32, 32, 1024, 1024, -1, causal ? 0 : -1}, causal);
+      time_case({64, 8, 32, 32, 2048, 2048, -1, causal ? 0 : -1}, causal);
       time_case({128, 16, 16, 16, 1024, 1024, -1, causal ? 0 : -1}, causal);
       time_case({128, 4, 16, 16, 4096, 4096, -1, causal ? 0 : -1}, causal);
       time_case({128, 1, 16, 16, 16384, 16384, -1, causal ? 0 : -1}, causal);

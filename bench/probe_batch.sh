@@ -2,17 +2,22 @@
 # One device call's worth of Hopper kernel experiments, without torch: builds every variant of the standalone
 # forward and backward probes in parallel, then checks and times each (under timeouts: a hung mbarrier wait
 # must not burn the call), then profiles one shape of each with ncu.
-#   FWD_VARIANTS / BWD_VARIANTS: space-separated; "base" = the defaults, else comma-separated -D macros
+#   FWD_VARIANTS / BWD_VARIANTS: space-separated; "base" = the defaults, "ref" = the kernels under $REF_CSRC (default
+#   .ab_main/csrc, e.g. `git archive main csrc | tar -x -C .ab_main`: an A/B against another tree in the same
+#   call), else comma-separated -D macros
 #   NCU=0 skips the profiles; NCU_FWD / NCU_BWD: the probe's "one" arguments of the profiled shape;
 #   NCU_SOURCE=1 adds per-SASS-instruction warp stall samples (ncu_<fwd|bwd>_source.csv)
 # Logs under $OUT (or /tmp/o): probe_<fwd|bwd>_<variant>.log, ncu_<fwd|bwd>.log.
 set -uo pipefail
 OUT=${OUT:-/tmp/o}; mkdir -p "$OUT"
-NVCC="nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -lineinfo -Xptxas -v -Icsrc"
+NVCC="nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -lineinfo -Xptxas -v"
+REF_CSRC=${REF_CSRC:-.ab_main/csrc}
 FWD_VARIANTS=${FWD_VARIANTS:-base}
 BWD_VARIANTS=${BWD_VARIANTS:-base}
 tag_of() { echo "$1" | tr '=,' '_-'; }
-flags_of() { [ "$1" = base ] && echo "" || echo "-D${1//,/ -D}"; }
+flags_of() {
+  case $1 in base) echo "-Icsrc" ;; ref) echo "-I$REF_CSRC -Icsrc" ;; *) echo "-Icsrc -D${1//,/ -D}" ;; esac
+}
 
 for kind in fwd bwd; do
   vars=$FWD_VARIANTS; src=bench/fa3_probe.cu

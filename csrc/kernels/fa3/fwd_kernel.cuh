@@ -1,15 +1,16 @@
 // Hopper (sm_90a) FlashAttention forward: TMA loads, wgmma, warp specialisation.
 //
-// One block per SM striding over the (query tile of 128 rows, batch, head) tiles, heaviest first, or one block
-// per tile (the launcher picks: fwd_launch.cuh), 3 warpgroups. Varlen (kVarlen, packed sequences): the tiles are
-// counted by the longest sequence; a tile past its own sequence's end loads and stores nothing (fa3/seq.cuh).
+// One block per SM striding over the (query tile of 128 rows (D64 tall: 192), batch, head) tiles, heaviest
+// first, or one block per tile (the launcher picks: fwd_launch.cuh), 3 warpgroups (D64 tall: 4). Varlen
+// (kVarlen, packed sequences): the tiles are counted by the longest sequence; a tile past its own sequence's end
+// loads and stores nothing (fa3/seq.cuh).
 //   warpgroup 0 (producer): one thread issues TMA copies of Q tiles into kQBuffers buffers and of K/V tiles
 //     into a ring of kStages shared-memory stages, running ahead across tile boundaries; "full" mbarriers
 //     complete when the bytes land, "free" ones when both consumers are done with a buffer or a stage's K or V.
 //     It gives most of its registers away (setmaxnreg).
-//   warpgroups 1, 2 (consumers): 64 query rows each. S = Q K^T with both operands in shared memory,
-//     online softmax in registers (base 2, scale * log2(e) folded in), O += P V with P straight from the
-//     S accumulators (registers) and V read transposed from shared memory; S(i) is issued with PV(i-1) and
+//   warpgroups 1, 2 (D64 tall: 1-3) (consumers): 64 query rows each. S = Q K^T with both operands in shared
+//     memory, online softmax in registers (base 2, scale * log2(e) folded in), O += P V with P straight from
+//     the S accumulators (registers) and V read transposed from shared memory; S(i) is issued with PV(i-1) and
 //     the consumers take turns issuing (ping-pong). Across tiles the same: the next tile's first S is issued
 //     with this tile's last PV (two Q buffers). O is normalised and staged in the tile's Q buffer, then stored
 //     with 16-byte coalesced copies (D256, one Q buffer: straight from the accumulators).
@@ -31,22 +32,21 @@
 
 namespace fae {
 
-template <typename T_, int kHeadDim_>
+// kTall (D64 only): three consumers (192-row tiles) with 96-key tiles, as FA3 does; the K/V bytes per key row are
+// half of D128's, so two consumers over 128 rows leave the tensor cores waiting on the softmax (measured
+// +6-15% at S4k-16k). The narrower key tiles are what fits three accumulator sets in 160 registers without
+// spills. Short sequences keep 128-row tiles: 1024 rows in 192-row tiles waste a third of the last one
+// (measured -3% / -5% causal at S1k). The launcher picks (fwd_launch.cuh).
+template <typename T_, int kHeadDim_, bool kTall_ = false>
 struct Fa3FwdTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
-#ifdef FAE_FA3_D64_CONSUMERS  // experiment: 3 consumers (192-row tiles) at D64, as FA3 does
-  static constexpr int kConsumers = kHeadDim == 64 ? FAE_FA3_D64_CONSUMERS : 2;
-#else
-  static constexpr int kConsumers = 2;              // consumer warpgroups, 64 query rows each
-#endif
+  static constexpr bool kTall = kTall_;
+  static_assert(!kTall || kHeadDim == 64, "tall tiles are a D64 configuration");
+  static constexpr int kConsumers = kTall ? 3 : 2;   // consumer warpgroups, 64 query rows each
   static constexpr int kBlockM = 64 * kConsumers;
   // (kBlockN 176 and 3 K/V stages at D128 were measured, bench/NOTES.md; neither fits next to two Q buffers.)
-#ifdef FAE_FA3_BLOCK_N_D64  // experiment: narrower key tiles at D64 (register room for three consumers)
-  static constexpr int kBlockN = kHeadDim == 64 ? FAE_FA3_BLOCK_N_D64 : kHeadDim <= 128 ? 128 : 64;
-#else
-  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
-#endif
+  static constexpr int kBlockN = kTall ? 96 : kHeadDim <= 128 ? 128 : 64;
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
   static constexpr int kPanels = kHeadDim / 64;     // 64-column (128-byte) swizzle panels per row
   static constexpr int kThreads = 128 * (kConsumers + 1);
@@ -235,15 +235,18 @@ __device__ __forceinline__ int persistent_tile(int round) {
 struct TileOrder {
   int heads;  // (batch, head) pairs per chunk
   static constexpr int64_t kL2Budget = 24 << 20;  // bytes of K/V a chunk may keep in L2 (the H100/H200 L2: 50 MB)
-  __device__ __forceinline__ TileOrder(const FwdParams& p, int head_dim, int elt_bytes) {
+  // one_block_per_tile: the grid is not persistent (the hardware hands out tiles in number order).
+  __device__ __forceinline__ TileOrder(const FwdParams& p, int head_dim, int elt_bytes, bool one_block_per_tile) {
     const int64_t kv_bytes_per_head = 2ll * p.seqlen_k * head_dim * elt_bytes / p.head_group;  // K and V
     const int64_t fit = kL2Budget / (kv_bytes_per_head > 0 ? kv_bytes_per_head : 1);
     const int pairs = p.batch * p.heads_q;
     heads = fit < 1 ? 1 : fit > pairs ? pairs : static_cast<int>(fit);
-    // Masked (causal / window) rows: one chunk of every head, so the heaviest query tiles of all heads come
-    // first; measured on the H200 (bench/NOTES.md): chunks give +3-19% unmasked (S16k..S1k) but -11% at S4k
-    // causal, where a static stride over chunk after chunk balances the blocks' work worse.
-    if (p.window_left >= 0 || p.window_right >= 0) heads = pairs;
+    // Masked (causal / window) rows on a persistent grid: one chunk of every head, so the heaviest query tiles of
+    // all heads come first; measured on the H200 (bench/NOTES.md): there, chunks give -9-11% at S4k causal (a
+    // static stride over chunk after chunk balances the blocks' work worse), while unmasked rows gain 3-19%
+    // (S16k..S1k). With one block per tile (long masked rows, fwd_launch.cuh) the hardware balances the
+    // blocks, and chunks gave +8% at D128 S16k causal.
+    if ((p.window_left >= 0 || p.window_right >= 0) && !one_block_per_tile) heads = pairs;
 #if defined(FAE_FA3_L2_CHUNKS) && !FAE_FA3_L2_CHUNKS  // A/B experiment: one chunk of every head (the old order)
     heads = pairs;
 #endif
@@ -319,7 +322,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;  // varlen: of the longest sequence
   const WindowMask padded_mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
-  const fa3::TileOrder order(p, kD, static_cast<int>(sizeof(T)));
+  const fa3::TileOrder order(p, kD, static_cast<int>(sizeof(T)), static_cast<int>(gridDim.x) >= num_tiles);
   if constexpr (kVarlen) {
     // One tile per block (not persistent) and that tile past its sequence's end: the whole block leaves before
     // any barrier (cheaper than the empty-tile path below for the many such blocks of a varlen grid).

@@ -36,9 +36,10 @@ void launch_fa3_fwd_kernel(const FwdParams& params, const CUtensorMap& tq, const
   check_cuda(cudaGetLastError(), "fa3_fwd launch");
 }
 
-template <typename T, int kHeadDim>
-void run_fa3_fwd(const FwdParams& params, cudaStream_t stream) {
-  using Tr = Fa3FwdTraits<T, kHeadDim>;
+template <typename Tr>
+void run_fa3_fwd_tiles(const FwdParams& params, cudaStream_t stream) {
+  using T = typename Tr::T;
+  constexpr int kHeadDim = Tr::kHeadDim;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   const int64_t num_m_blocks = (params.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM;
   const int64_t blocks = num_m_blocks * params.batch * params.heads_q;
@@ -56,6 +57,21 @@ void run_fa3_fwd(const FwdParams& params, cudaStream_t stream) {
     throw std::runtime_error("flashattn_ext: fa3_fwd needs the output's rows 16-byte aligned");
   if (params.cu_seqlens_q != nullptr) launch_fa3_fwd_kernel<Tr, true>(params, tq, tk, tv, num_tiles, stream);
   else launch_fa3_fwd_kernel<Tr, false>(params, tq, tk, tv, num_tiles, stream);
+}
+
+// D64 rows of at least kTallMinRows queries (varlen: the longest sequence) run the tall tiles (Fa3FwdTraits).
+#ifdef FAE_FA3_TALL_MIN_ROWS  // A/B experiment (bench/probe_batch.sh); a huge value turns tall tiles off
+constexpr int64_t kTallMinRows = FAE_FA3_TALL_MIN_ROWS;
+#else
+constexpr int64_t kTallMinRows = 2048;
+#endif
+
+template <typename T, int kHeadDim>
+void run_fa3_fwd(const FwdParams& params, cudaStream_t stream) {
+  if constexpr (kHeadDim == 64) {
+    if (params.seqlen_q >= kTallMinRows) return run_fa3_fwd_tiles<Fa3FwdTraits<T, kHeadDim, true>>(params, stream);
+  }
+  run_fa3_fwd_tiles<Fa3FwdTraits<T, kHeadDim>>(params, stream);
 }
 
 }  // namespace fae
