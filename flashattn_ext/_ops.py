@@ -1,8 +1,8 @@
 """The op table: loads the compiled extension and gives every op a Python face (fake impl, raw wrapper).
 
 Importing ``flashattn_ext._C`` runs its TORCH_LIBRARY block (csrc/host/ops.cpp), which defines
-``torch.ops.flashattn_ext.{fwd, bwd, kvcache_fwd, merge_states}`` and registers fwd's autograd (in C++, so a call
-that needs no gradient runs no Python kernel). ``fwd`` and ``bwd`` serve every kernel family: their ``algorithm``
+``torch.ops.flashattn_ext.{fwd, fwd_global, bwd, kvcache_fwd, merge_states}`` and registers fwd's autograd (in
+C++, so a call that needs no gradient runs no Python kernel). ``fwd`` and ``bwd`` serve every kernel family: their ``algorithm``
 argument ("auto", "fa2", "fa1", "fa3") is resolved in C++ with the device's compute capability; their optional
 ``cu_seqlens_q/k, max_seqlen_q/k`` arguments select packed variable-length sequences (attention_varlen). The package
 must still import without the extension (CPU reference path, docs, tests), so a missing or broken extension only
@@ -39,6 +39,7 @@ def _has_op(name):
 HAS_BWD = _has_op("bwd")
 HAS_KVCACHE_OP = _has_op("kvcache_fwd")  # defined when head dim 64 or 128 is compiled in
 HAS_MERGE_OP = _has_op("merge_states")
+HAS_FWD_GLOBAL = _has_op("fwd_global")
 
 
 def build_info() -> dict:
@@ -77,6 +78,11 @@ def _fwd_fake(q, k, v, scale, window_left, window_right, deterministic=False, al
     return out, lse
 
 
+def _fwd_global_fake(q, k, v, global_k, global_v, global_pos, scale, window_left, window_right, global_causal,
+                     algorithm="auto"):
+    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
+
+
 def _bwd_fake(dout, q, k, v, out, lse, scale, window_left, window_right, deterministic, dlse=None,
               algorithm="auto", cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     # Each gradient is empty_like of its input, for every family.
@@ -97,7 +103,7 @@ def _merge_states_fake(o_a, lse_a, o_b, lse_b):
 # The forward op itself, looked up once: attention()'s hot path calls it without walking torch.ops each time.
 FWD = torch.ops.flashattn_ext.fwd.default if _has_op("fwd") else None
 
-for _name, _fake in (("fwd", _fwd_fake), ("bwd", _bwd_fake), ("kvcache_fwd", _kvcache_fwd_fake),
+for _name, _fake in (("fwd", _fwd_fake), ("fwd_global", _fwd_global_fake), ("bwd", _bwd_fake), ("kvcache_fwd", _kvcache_fwd_fake),
                      ("merge_states", _merge_states_fake)):
     if _has_op(_name):  # an extension built without an op (e.g. no decode head dim) still imports
         torch.library.register_fake(f"flashattn_ext::{_name}")(_fake)
@@ -112,6 +118,16 @@ def fwd(q, k, v, scale, window_left, window_right, deterministic=False, algorith
     return torch.ops.flashattn_ext.fwd.default(q, k, v, float(scale), int(window_left), int(window_right),
                                                bool(deterministic), algorithm, cu_seqlens_q, cu_seqlens_k,
                                                int(max_seqlen_q), int(max_seqlen_k))
+
+
+def fwd_global(q, k, v, global_k, global_v, global_pos, scale, window_left, window_right, global_causal,
+               algorithm="auto"):
+    """fwd (padded self-attention, Hopper family) counting the gathered global keys global_k/v (B, Hkv, G, D) at
+    positions global_pos (B, G) int32 (-1: padding) on top of each row's window; no autograd
+    (flashattn_ext/global_tokens.py owns it)."""
+    return torch.ops.flashattn_ext.fwd_global.default(q, k, v, global_k, global_v, global_pos, float(scale),
+                                                      int(window_left), int(window_right), bool(global_causal),
+                                                      algorithm)
 
 
 def bwd(dout, q, k, v, out, lse, scale, window_left, window_right, deterministic=False, dlse=None,

@@ -12,6 +12,9 @@ j <= i when causal). The result is assembled from three disjoint key sets per ro
     non-global row: merge(L, G)        global row: merge(L, D)
 
 The sets never overlap (a global key inside the window is L's, not G's), so every visible key is counted once.
+On the Hopper family the forward's L and G are one kernel pass (op fwd_global: the gathered global K/V are extra
+key tiles of every query tile, csrc/kernels/fa3/fwd_kernel.cuh); it computes L + G for every row, global rows
+too, so their D then takes only the non-global keys outside the window (``fuses_global_keys``).
 One autograd.Function: the forward computes each row's final lse first and scales o_L into the output, and a GEMM
 accumulates P_G @ V_G into it; the backward gives every part its share from the final out and lse, as ring
 attention's blocks (flashattn_ext/distributed.py): the kernels' backward (with dlse) for L, GEMMs and scatter-adds
@@ -41,6 +44,7 @@ class GlobalTokens:
     valid: (B, max_count) bool, False on the padding.
     flat_batch, flat_pos: (total,) int64, batch and position of every global token (the rows that D writes).
     flat_slot: (total,) int64, its column in ``index``.
+    pos32: (B, max_count) int32, ``index`` with -1 on the padding (the kernels' form).
     max_count, total: host ints, the most global tokens of one sequence and their number over the batch.
     """
     mask: torch.Tensor
@@ -49,6 +53,7 @@ class GlobalTokens:
     flat_batch: torch.Tensor
     flat_slot: torch.Tensor
     flat_pos: torch.Tensor
+    pos32: torch.Tensor
     max_count: int
     total: int
 
@@ -95,7 +100,9 @@ def global_tokens(global_mask):
     flat = torch.where(valid.flatten(), linear, B * max_count).sort().values[:total]
     flat_batch = torch.div(flat, max(max_count, 1), rounding_mode="floor")
     flat_slot = flat - flat_batch * max_count
-    return GlobalTokens(global_mask, index, valid, flat_batch, flat_slot, index.flatten()[flat], max_count, total)
+    pos32 = torch.where(valid, index, -1).to(torch.int32)
+    return GlobalTokens(global_mask, index, valid, flat_batch, flat_slot, index.flatten()[flat], pos32, max_count,
+                        total)
 
 
 def resolve_global_tokens(global_mask, q, k):
@@ -136,11 +143,14 @@ def _key_mask(tokens, S, spec):
     return keep & (j <= i) if spec.causal else keep
 
 
-def _row_mask(tokens, S, spec):
-    """(B, G, S) bool: global row index[b, g] counts key j here (outside its window; j <= i if causal)."""
+def _row_mask(tokens, S, spec, exclude_global=False):
+    """(B, G, S) bool: global row index[b, g] counts key j here (outside its window; j <= i if causal; not a global
+    key with exclude_global, when a kernel already counted those)."""
     i = tokens.index.unsqueeze(2)
     j = torch.arange(S, device=tokens.device).view(1, 1, S)
     keep = tokens.valid.unsqueeze(2) & ~in_window(i, j, spec.left, spec.right)
+    if exclude_global:
+        keep &= ~tokens.mask.unsqueeze(1)
     return keep & (j <= i) if spec.causal else keep
 
 
@@ -189,13 +199,13 @@ def _key_scores(q, kg, tokens, spec):
     return s.masked_fill_(~_key_mask(tokens, S, spec)[:, None, None], NEG_INF)
 
 
-def _row_scores(qg, k, tokens, spec):
+def _row_scores(qg, k, tokens, spec, exclude_global=False):
     """D's scores (B, Hkv, group, G, S), float32, -inf where not counted."""
     B, Hq, G, D = qg.shape
     Hkv, S = k.shape[1], k.shape[2]
     s = _bmm32(qg.reshape(B * Hkv, Hq // Hkv * G, D), k.reshape(B * Hkv, S, D).transpose(1, 2))
     s = s.mul_(spec.scale).view(B, Hkv, Hq // Hkv, G, S)
-    return s.masked_fill_(~_row_mask(tokens, S, spec)[:, None, None], NEG_INF)
+    return s.masked_fill_(~_row_mask(tokens, S, spec, exclude_global)[:, None, None], NEG_INF)
 
 
 def _finite(lse):
@@ -235,29 +245,54 @@ def _window_backward(dout, q, k, v, out, lse, dlse, spec):
     return blocked_backward(dout, q, k, v, out, lse, spec.scale, spec.left, spec.right, dlse)
 
 
+_FUSED_FAMILY = {}  # (algorithm, device index, head dim) -> the family fwd runs; read under torch.compile too
+
+
+def fuses_global_keys(q, algorithm="auto"):
+    """True when the forward counts the global keys inside the kernel (op fwd_global): CUDA inputs whose
+    ``algorithm`` runs the Hopper family (fa3) on their device and head dim."""
+    if not (q.is_cuda and _ops.HAS_FWD_GLOBAL):
+        return False
+    key = (algorithm, q.device.index, q.shape[-1])
+    if key not in _FUSED_FAMILY:
+        _FUSED_FAMILY[key] = _ops._C.resolve_algorithm(algorithm, q.device.index, int(q.shape[-1]))
+    return _FUSED_FAMILY[key] == "fa3"
+
+
 def _global_forward(q, k, v, tokens, spec):
     B, Hq, S, D = q.shape
     Hkv, G, idx = k.shape[1], tokens.max_count, tokens.index
     group = Hq // Hkv
-    o_l, lse_l = _window_forward(q, k, v, spec)
+    fused = fuses_global_keys(q, spec.algorithm)
+    if fused:
+        # L and G of every row in one kernel pass: out and lse are final for the non-global rows.
+        kg, vg = _gather_rows(k, idx), _gather_rows(v, idx)
+        o_l, lse_l = _ops.fwd_global(q, k, v, kg, vg, tokens.pos32, spec.scale, spec.left, spec.right, spec.causal,
+                                     spec.algorithm)
+    else:
+        o_l, lse_l = _window_forward(q, k, v, spec)
     # Global rows: L merged with D, on the gathered rows (written over those rows of the output at the end).
+    # Fused, their "L" already holds the global keys outside the window, so D leaves those out.
     qg = _gather_rows(q, idx)
-    p_d = _row_scores(qg, k, tokens, spec)
+    p_d = _row_scores(qg, k, tokens, spec, exclude_global=fused)
     lse_lr = _gather_stat(lse_l, idx)
     lse_r = torch.logaddexp(lse_lr, _logsumexp(p_d).view(B, Hq, G))
     _probs_(p_d, lse_r.view(B, Hkv, group, G))
     o_r = _gather_rows(o_l, idx).to(p_d.dtype) * _weight(lse_lr, lse_r).unsqueeze(-1)
     o_r += _bmm32(p_d.view(B * Hkv, group * G, S).to(v.dtype), v.reshape(B * Hkv, S, D)).view(B, Hq, G, D)
     del p_d
-    # Non-global rows: L merged with G. The row's lse first, then out = w_L * o_L + P_G @ V_G: o_L scaled in place
-    # (float32 math, stored in its dtype) and one GEMM accumulating into it; no float32 copy of the output.
-    kg, vg = _gather_rows(k, idx), _gather_rows(v, idx)
-    p_g = _key_scores(q, kg, tokens, spec)
-    lse = torch.logaddexp(lse_l, _logsumexp(p_g).view(B, Hq, S))
-    _probs_(p_g, lse.view(B, Hkv, group, S))
-    out = o_l.mul_(_weight(lse_l, lse).unsqueeze(-1))
-    _add_bmm_(out, p_g.view(B * Hkv, group * S, G), vg.reshape(B * Hkv, G, D))
-    lse = lse.to(torch.float32)
+    if fused:
+        out, lse = o_l, lse_l
+    else:
+        # Non-global rows: L merged with G. The row's lse first, then out = w_L * o_L + P_G @ V_G: o_L scaled in
+        # place (float32 math, stored in its dtype) and one GEMM accumulating into it; no float32 copy of the output.
+        kg, vg = _gather_rows(k, idx), _gather_rows(v, idx)
+        p_g = _key_scores(q, kg, tokens, spec)
+        lse = torch.logaddexp(lse_l, _logsumexp(p_g).view(B, Hq, S))
+        _probs_(p_g, lse.view(B, Hkv, group, S))
+        out = o_l.mul_(_weight(lse_l, lse).unsqueeze(-1))
+        _add_bmm_(out, p_g.view(B * Hkv, group * S, G), vg.reshape(B * Hkv, G, D))
+        lse = lse.to(torch.float32)
     picked, rows = (tokens.flat_batch, tokens.flat_slot), (tokens.flat_batch, tokens.flat_pos)
     out.transpose(1, 2).index_put_(rows, o_r.transpose(1, 2)[picked].to(out.dtype))
     lse.transpose(1, 2).index_put_(rows, lse_r.transpose(1, 2)[picked].to(torch.float32))
@@ -326,4 +361,4 @@ def global_attention(q, k, v, tokens, spec):
     return out.to(q.dtype), lse
 
 
-__all__ = ["GlobalTokens", "global_tokens", "global_attention"]
+__all__ = ["GlobalTokens", "global_tokens", "global_attention", "fuses_global_keys"]

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import flashattn_ext
-from flashattn_ext import GlobalTokens, global_tokens
+from flashattn_ext import GlobalTokens, _ops, global_tokens
+from flashattn_ext.api import kernel_window
+from flashattn_ext.global_tokens import fuses_global_keys
 from flashattn_ext.reference import attention_reference, visible_mask
 from flashattn_ext.testing import (BF16, D_DEFAULT, DEVICE, FP16, GPU_FAMILIES, lse_check, make_qkv, max_abs_err,
                                    need_family, need_head_dim, seed_of, two_x_rule)
@@ -445,15 +447,16 @@ def test_gpu_over_nan_poisoned_memory(algorithm):
 
 
 @pytest.mark.requires_cuda_ext
-def test_gpu_global_tokens_call_does_not_sync():
+@pytest.mark.parametrize("algorithm", GPU_FAMILIES)
+def test_gpu_global_tokens_call_does_not_sync(algorithm):
     """The bool mask syncs once (in global_tokens); a GlobalTokens built beforehand makes forward and backward
     sync-free."""
-    q, k, v, gm = gpu_case(1, 4, 4, 256, D_DEFAULT, BF16, True, (31, -1), "prefix", "fa2")
+    q, k, v, gm = gpu_case(1, 4, 4, 256, D_DEFAULT, BF16, True, (31, -1), "prefix", algorithm)
     tokens = global_tokens(gm)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
 
     def step():
-        out = flashattn_ext.attention(*leaves, causal=True, window=(31, -1), global_mask=tokens)
+        out = flashattn_ext.attention(*leaves, causal=True, window=(31, -1), global_mask=tokens, algorithm=algorithm)
         torch.autograd.grad(out.float().square().sum(), leaves)
 
     step()
@@ -471,3 +474,71 @@ def test_gpu_bad_mask_device_raises():
     q = torch.randn(1, 2, 17, D_DEFAULT, device=DEVICE, dtype=BF16)
     with pytest.raises(ValueError, match="global_mask is on cpu"):
         flashattn_ext.attention(q, q, q, window=(2, 2), global_mask=torch.zeros(1, 17, dtype=torch.bool))
+
+
+# ---- the Hopper forward counts the global keys itself (op fwd_global) ----------------------------------------
+
+def _gather_keys(t, tokens):
+    B, H, _, D = t.shape
+    return torch.gather(t, 2, tokens.index[:, None, :, None].expand(B, H, tokens.max_count, D)).contiguous()
+
+
+@pytest.mark.requires_cuda_ext
+@pytest.mark.parametrize("causal, window", [(False, (33, 17)), (True, (100, -1)), (False, (0, 0)), (True, (5, 5))])
+@pytest.mark.parametrize("count", [1, 7, 150])
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_gpu_hopper_kernel_counts_the_global_keys(D, count, causal, window):
+    """fa3 counts the gathered global keys inside its forward as extra key tiles (150 of them: more than one tile
+    at every head dim; the second sequence has one fewer, so its last slot is padding, and with count 1 none at
+    all), GQA. The public call against the reference on every row; the raw op alone is the whole answer for the
+    non-global rows (window + the global keys outside it), checked there."""
+    need_family("fa3", D)
+    B, Hq, Hkv, S = 2, 4, 2, 1000
+    seed = seed_of("fused-global", D, count, causal, window)
+    q, k, v = make_qkv(B, Hq, Hkv, S, S, D, BF16, DEVICE, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    gm = torch.zeros(B, S, dtype=torch.bool)
+    for b in range(B):
+        gm[b, torch.randperm(S, generator=gen)[:count - b]] = True
+    gm = gm.to(DEVICE)
+    assert fuses_global_keys(q, "fa3") and fuses_global_keys(q, "auto")
+    with torch.no_grad():
+        out, lse = flashattn_ext.attention(q, k, v, causal=causal, window=window, global_mask=gm, return_lse=True,
+                                           algorithm="fa3")
+    err, bound, ref_lse, ok = two_x_rule(out, q, k, v, causal=causal, window=window, global_mask=gm)
+    assert ok, f"public call: {err:.3e} > {bound:.3e}"
+    lse_err, lse_ok = lse_check(lse, ref_lse)
+    assert lse_ok, f"lse err {lse_err:.3e}"
+
+    tokens = global_tokens(gm)
+    left, right = kernel_window(causal, window, S, S)
+    raw_out, raw_lse = _ops.fwd_global(q, k, v, _gather_keys(k, tokens), _gather_keys(v, tokens), tokens.pos32,
+                                       D**-0.5, left, right, causal, "fa3")
+    ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), causal=causal, window=window,
+                                       global_mask=gm, return_lse=True)
+    lowp = attention_reference(q, k, v, causal=causal, window=window, global_mask=gm, upcast=False)
+    rows = ~gm[:, None, :, None].expand_as(out)
+    err = max_abs_err(raw_out[rows], ref[rows])
+    bound = 2 * max_abs_err(lowp[rows], ref[rows]) + 1e-3
+    assert err <= bound, f"raw op, non-global rows: {err:.3e} > {bound:.3e}"
+    lse_rows = ~gm[:, None, :].expand_as(raw_lse)
+    assert max_abs_err(raw_lse[lse_rows], ref_lse[lse_rows]) <= 1e-2
+
+
+@pytest.mark.requires_cuda_ext
+def test_gpu_fwd_global_checks():
+    """The raw op names its bad argument, and runs only where the Hopper family does."""
+    need_family("fa3", D_DEFAULT)
+    q, k, v = make_qkv(1, 4, 2, 64, 64, D_DEFAULT, BF16, DEVICE, seed=1)
+    kg, vg = k[:, :, :3].contiguous(), v[:, :, :3].contiguous()
+    pos = torch.tensor([[0, 5, -1]], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="needs the Hopper family"):
+        _ops.fwd_global(q, k, v, kg, vg, pos, 0.1, 4, 4, False, "fa2")
+    with pytest.raises(ValueError, match="global_pos must be"):
+        _ops.fwd_global(q, k, v, kg, vg, pos[:, :2].contiguous(), 0.1, 4, 4, False, "fa3")
+    with pytest.raises(TypeError, match="global_pos.dtype must be int32"):
+        _ops.fwd_global(q, k, v, kg, vg, pos.long(), 0.1, 4, 4, False, "fa3")
+    with pytest.raises(ValueError, match="global_k must have shape"):
+        _ops.fwd_global(q, k, v, kg[:, :1].contiguous(), vg, pos, 0.1, 4, 4, False, "fa3")
+    with pytest.raises(ValueError, match="self-attention"):
+        _ops.fwd_global(q, k[:, :, :32], v[:, :, :32], kg, vg, pos, 0.1, 4, 4, False, "fa3")

@@ -28,6 +28,13 @@ struct WindowMask {
     return (col < seqlen_k) & (left < 0 || col >= p - left) & (right < 0 || col <= p + right);
   }
 
+  // Longformer global key at position g (-1: padding) as counted by query row `row` on top of its window: only
+  // where the window does not already count it (a global key inside the window is counted once, there) and,
+  // when the global tokens are causal, only g <= the row's position.
+  __host__ __device__ __forceinline__ bool counts_global(int row, int g, bool causal) const {
+    return (g >= 0) & !visible(row, g) & (!causal || g <= pos(row));
+  }
+
   // Key range [begin, end) that any of rows [row0, row1) may see; end <= begin means nothing.
   __host__ __device__ __forceinline__ int key_begin(int row0) const {
     if (left < 0) return 0;

@@ -37,9 +37,16 @@ struct FwdParams : QkvParams {
   // Mask part (mask.h). Window in key positions around query position p = i + seqlen_k - seqlen_q
   // (bottom-right aligned); -1 = unbounded. causal is (-1, 0).
   int window_left, window_right;
-  // Longformer-style global tokens (0 = none, every op today): keys [0, global_keys) are seen by every query on
-  // top of its window. Reserved for the mask policy; no kernel reads it yet.
-  int global_keys;
+  // Longformer global keys (op fwd_global; flashattn_ext/global_tokens.py), read by the Hopper forward only.
+  // The batch's global K/V rows gathered into contiguous (batch, heads_kv, num_global, D) buffers, and their key
+  // positions (batch, num_global) int32, ascending, -1 past a sequence's own count. A query row counts, on top of
+  // its window, the global keys its window leaves out (at positions <= its own when global_causal): the rule is
+  // WindowMask::counts_global. num_global = 0: none (every other op).
+  const void* __restrict__ global_k;
+  const void* __restrict__ global_v;
+  const int* __restrict__ global_pos;
+  int num_global;
+  bool global_causal;
 };
 
 // FlashAttention-1 forward keeps O, m and l in global memory between K/V tiles (the round trip FA2 removes).

@@ -113,6 +113,11 @@ TORCH_LIBRARY(flashattn_ext, m) {
       "fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, bool deterministic=False, "
       "str algorithm=\"auto\", Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, "
       "int max_seqlen_k=0) -> (Tensor, Tensor)");
+  // Global keys (flashattn_ext/global_tokens.py): global_k/v (B, Hkv, G, D) contiguous, gathered from k/v;
+  // global_pos (B, G) int32 their positions, -1 for padding. No autograd: global_tokens owns it.
+  m.def(
+      "fwd_global(Tensor q, Tensor k, Tensor v, Tensor global_k, Tensor global_v, Tensor global_pos, float scale, "
+      "int window_left, int window_right, bool global_causal, str algorithm=\"auto\") -> (Tensor, Tensor)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, int window_left, "
       "int window_right, bool deterministic, Tensor? dlse=None, str algorithm=\"auto\", Tensor? cu_seqlens_q=None, "
@@ -129,6 +134,7 @@ TORCH_LIBRARY(flashattn_ext, m) {
 
 TORCH_LIBRARY_IMPL(flashattn_ext, CUDA, m) {
   m.impl("fwd", &fae::fwd);
+  m.impl("fwd_global", &fae::fwd_global);
   m.impl("bwd", &fae::bwd);
 #ifdef FAE_HAS_DECODE
   m.impl("kvcache_fwd", &fae::kvcache_fwd);

@@ -14,6 +14,12 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                                        const std::optional<at::Tensor>& cu_seqlens_k = std::nullopt,
                                        int64_t max_seqlen_q = 0, int64_t max_seqlen_k = 0);
 
+// fwd with the gathered Longformer global keys counted in the kernel (Hopper family; fwd.cpp).
+std::tuple<at::Tensor, at::Tensor> fwd_global(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const at::Tensor& global_k, const at::Tensor& global_v,
+                                              const at::Tensor& global_pos, double scale, int64_t window_left,
+                                              int64_t window_right, bool global_causal, c10::string_view algorithm);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                                    double scale, int64_t window_left, int64_t window_right,

@@ -194,6 +194,22 @@ struct Consumer {
     }
   }
 
+  // A global-key step (kGlobal): S masked to the gathered global keys these rows count on top of their window
+  // (WindowMask::counts_global). `pos`: the key positions of the step's kBlockN gathered keys, the first `count`
+  // of them real (the rest of the tile is the TMA's zero fill past the buffer). Then softmax without a mask.
+  static __device__ __forceinline__ void mask_global(float (&acc_s)[kBlockN / 2], const WindowMask& mask,
+                                                     const int* pos, int count, int row0, int t, bool causal) {
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = 8 * j + 2 * t + e;
+        const int g = c < count ? __ldg(pos + c) : -1;
+        if (!mask.counts_global(row0, g, causal)) acc_s[4 * j + e] = -INFINITY;
+        if (!mask.counts_global(row0 + 8, g, causal)) acc_s[4 * j + 2 + e] = -INFINITY;
+      }
+  }
+
   static __device__ __forceinline__ void rescale_o(float (&acc_o)[kD / 2], const float (&scale_o)[2]) {
 #pragma unroll
     for (int j = 0; j < kD / 8; ++j) {
@@ -262,10 +278,12 @@ struct TileOrder {
 }  // namespace fa3
 
 // Which (query tile, batch, head) a block works on for a tile number (fa3::TileOrder), its sequence and mask,
-// and the key tiles it visits.
-template <typename Tr, bool kVarlen>
+// and the key tiles it visits: n_window tiles of its window, then (kGlobal) the tiles of the gathered global keys
+// (FwdParams::global_*). A tile with any row has a window step (self-attention: every row sees its own key, the
+// host checks Sq == Sk), so step 0, which the pipeline opens with the window's mask, is always a window step.
+template <typename Tr, bool kVarlen, bool kGlobal = false>
 struct Fa3Tile {
-  int m_block, b, h, m0, m_end, n_end, n_count;
+  int m_block, b, h, m0, m_end, n_end, n_count, n_window;
   SeqInfo seq;
   WindowMask mask;
 
@@ -293,13 +311,20 @@ struct Fa3Tile {
     // Varlen: a tile past its sequence's end (the grid counts the longest one) has no row; it loads nothing, and
     // its epilogue stores nothing (every row >= seqlen_q). Padded tiles always start inside the sequence.
     if (kVarlen && m0 >= seq.seqlen_q) n_end = n_count = 0;
+    n_window = n_count;
+    if constexpr (kGlobal) {
+      if (n_window > 0) n_count += (p.num_global + Tr::kBlockN - 1) / Tr::kBlockN;
+    }
   }
 };
 
-template <typename Tr, bool kVarlen>
+// kGlobal: the Longformer global keys as extra key tiles (FwdParams::global_*; padded batches only), loaded
+// through tmap_gk / tmap_gv (otherwise unused).
+template <typename Tr, bool kVarlen, bool kGlobal>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     fa3_fwd_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ CUtensorMap tmap_q,
                    const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_v,
+                   const __grid_constant__ CUtensorMap tmap_gk, const __grid_constant__ CUtensorMap tmap_gv,
                    int num_tiles) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
@@ -327,7 +352,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // One tile per block (not persistent) and that tile past its sequence's end: the whole block leaves before
     // any barrier (cheaper than the empty-tile path below for the many such blocks of a varlen grid).
     if (static_cast<int>(gridDim.x) >= num_tiles) {
-      const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, order, blockIdx.x, num_m_blocks);
+      const Fa3Tile<Tr, kVarlen, kGlobal> tl(p, padded_mask, order, blockIdx.x, num_m_blocks);
       if (tl.m0 >= tl.seq.seqlen_q) return;
     }
   }
@@ -358,11 +383,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     tma_prefetch_desc(&tmap_q);
     tma_prefetch_desc(&tmap_k);
     tma_prefetch_desc(&tmap_v);
+    if constexpr (kGlobal) {
+      tma_prefetch_desc(&tmap_gk);
+      tma_prefetch_desc(&tmap_gv);
+    }
     int it = 0, q_it = 0;
     for (int round = 0; round * static_cast<int>(gridDim.x) < num_tiles; ++round) {
       const int tile = fa3::persistent_tile(round);
       if (tile >= num_tiles) continue;
-      const Fa3Tile<Tr, kVarlen> tl(p, padded_mask, order, tile, num_m_blocks);
+      const Fa3Tile<Tr, kVarlen, kGlobal> tl(p, padded_mask, order, tile, num_m_blocks);
       if (tl.n_count == 0) continue;
       const int hk = tl.h / p.head_group;
       const int qb = q_it % kQBuffers, q_use = q_it / kQBuffers;
@@ -379,17 +408,22 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         const uint32_t free_parity = ((it / kStages) & 1) ^ 1;
         char* k_dst = sK + stage * Tr::kKVBytes;
         char* v_dst = sV + stage * Tr::kKVBytes;
-        const fa3::TmaRow kv_at = fa3::k_rows(tl.seq, tl.n0(i));
+        // Window steps: the key tile at n0(i); global steps: rows of the gathered global K/V of batch b.
+        const bool global_step = kGlobal && i >= tl.n_window;
+        const fa3::TmaRow kv_at =
+            global_step ? fa3::TmaRow{(i - tl.n_window) * kBlockN, tl.b} : fa3::k_rows(tl.seq, tl.n0(i));
+        const CUtensorMap* k_map = global_step ? &tmap_gk : &tmap_k;
+        const CUtensorMap* v_map = global_step ? &tmap_gv : &tmap_v;
         if (it >= kStages) mbar_wait(&bar_k_free[stage], free_parity);
         mbar_arrive_expect_tx(&bar_k[stage], Tr::kKVBytes);
 #pragma unroll
         for (int c = 0; c < kPanels; ++c)
-          tma_load_4d(k_dst + c * Tr::kPanelKV, &tmap_k, &bar_k[stage], c * 64, kv_at.row, hk, kv_at.batch);
+          tma_load_4d(k_dst + c * Tr::kPanelKV, k_map, &bar_k[stage], c * 64, kv_at.row, hk, kv_at.batch);
         if (it >= kStages) mbar_wait(&bar_v_free[stage], free_parity);
         mbar_arrive_expect_tx(&bar_v[stage], Tr::kKVBytes);
 #pragma unroll
         for (int c = 0; c < kPanels; ++c)
-          tma_load_4d(v_dst + c * Tr::kPanelKV, &tmap_v, &bar_v[stage], c * 64, kv_at.row, hk, kv_at.batch);
+          tma_load_4d(v_dst + c * Tr::kPanelKV, v_map, &bar_v[stage], c * 64, kv_at.row, hk, kv_at.batch);
       }
     }
     return;
@@ -419,7 +453,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   };
   if (cw == Tr::kConsumers - 1) sched_pass();
 
-  using Tile = Fa3Tile<Tr, kVarlen>;
+  using Tile = Fa3Tile<Tr, kVarlen, kGlobal>;
   float acc_o[kD / 2];
   float row_max[2], row_sum[2];  // log2 domain (scores * scale * log2 e); row_sum per thread, reduced at the end
   float scale_o[2];
@@ -582,7 +616,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         fence_regs(acc_s);
         release(&bar_k_free[stage_of(cur)]);
         if (!Tr::kStagedO && i == n - 1) release(&bar_q_free[q_it % kQBuffers]);
-        C::softmax(acc_s, row_max, row_sum, scale_o, tl.mask, needs_mask(tl, i), row0, tl.n0(i), t, p.scale_log2);
+        if (kGlobal && i >= tl.n_window) {
+          const int g0 = (i - tl.n_window) * kBlockN;
+          C::mask_global(acc_s, tl.mask, p.global_pos + static_cast<int64_t>(tl.b) * p.num_global + g0,
+                         p.num_global - g0, row0, t, p.global_causal);
+          C::softmax(acc_s, row_max, row_sum, scale_o, tl.mask, false, row0, 0, t, p.scale_log2);
+        } else {
+          C::softmax(acc_s, row_max, row_sum, scale_o, tl.mask, needs_mask(tl, i), row0, tl.n0(i), t, p.scale_log2);
+        }
         wgmma_wait<0>();  // PV(i-1) done: O and p_frag may be rewritten, V(i-1) released
         fence_regs(acc_o);
         release(&bar_v_free[stage_of(prev)]);

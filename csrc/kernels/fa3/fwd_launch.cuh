@@ -9,10 +9,11 @@
 
 namespace fae {
 
-template <typename Tr, bool kVarlen>
+template <typename Tr, bool kVarlen, bool kGlobal>
 void launch_fa3_fwd_kernel(const FwdParams& params, const CUtensorMap& tq, const CUtensorMap& tk,
-                           const CUtensorMap& tv, int num_tiles, cudaStream_t stream) {
-  constexpr auto kernel = fa3_fwd_kernel<Tr, kVarlen>;
+                           const CUtensorMap& tv, const CUtensorMap& tgk, const CUtensorMap& tgv, int num_tiles,
+                           cudaStream_t stream) {
+  constexpr auto kernel = fa3_fwd_kernel<Tr, kVarlen, kGlobal>;
   set_smem_limit_once<kernel>(Tr::kSmemBytes, "fa3_fwd");
   // Persistent (one block per SM, striding over the tiles: the next tile's Q and K/V load under this one and
   // O leaves through shared memory) or one block per tile (the hardware hands tiles to SMs as they free up:
@@ -32,11 +33,12 @@ void launch_fa3_fwd_kernel(const FwdParams& params, const CUtensorMap& tq, const
     check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute(SMs)");
     grid = num_tiles > sms ? sms : num_tiles;
   }
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(params, tq, tk, tv, num_tiles);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(params, tq, tk, tv, tgk, tgv, num_tiles);
   check_cuda(cudaGetLastError(), "fa3_fwd launch");
 }
 
-template <typename Tr>
+// kGlobal: with the gathered global keys (params.num_global > 0; padded batches only, fwd_global checks).
+template <typename Tr, bool kGlobal = false>
 void run_fa3_fwd_tiles(const FwdParams& params, cudaStream_t stream) {
   using T = typename Tr::T;
   constexpr int kHeadDim = Tr::kHeadDim;
@@ -55,8 +57,15 @@ void run_fa3_fwd_tiles(const FwdParams& params, cudaStream_t stream) {
   // 16-byte aligned), so this only guards a future caller that passes another buffer.
   if (Tr::kStagedO && (reinterpret_cast<uintptr_t>(params.o) % 16 != 0 || params.o_row_stride % 8 != 0))
     throw std::runtime_error("flashattn_ext: fa3_fwd needs the output's rows 16-byte aligned");
-  if (params.cu_seqlens_q != nullptr) launch_fa3_fwd_kernel<Tr, true>(params, tq, tk, tv, num_tiles, stream);
-  else launch_fa3_fwd_kernel<Tr, false>(params, tq, tk, tv, num_tiles, stream);
+  if constexpr (kGlobal) {
+    const CUtensorMap tgk = fa3::global_key_tmap(params, params.global_k, kBf16, kHeadDim, Tr::kBlockN);
+    const CUtensorMap tgv = fa3::global_key_tmap(params, params.global_v, kBf16, kHeadDim, Tr::kBlockN);
+    launch_fa3_fwd_kernel<Tr, false, true>(params, tq, tk, tv, tgk, tgv, num_tiles, stream);
+  } else if (params.cu_seqlens_q != nullptr) {
+    launch_fa3_fwd_kernel<Tr, true, false>(params, tq, tk, tv, tk, tv, num_tiles, stream);
+  } else {
+    launch_fa3_fwd_kernel<Tr, false, false>(params, tq, tk, tv, tk, tv, num_tiles, stream);
+  }
 }
 
 // D64 rows of at least kTallMinRows queries (varlen: the longest sequence) run the tall tiles (Fa3FwdTraits).
@@ -68,6 +77,8 @@ constexpr int64_t kTallMinRows = 2048;
 
 template <typename T, int kHeadDim>
 void run_fa3_fwd(const FwdParams& params, cudaStream_t stream) {
+  // Global keys: one configuration per head dim (the 128-row tiles; window rows are short anyway).
+  if (params.num_global > 0) return run_fa3_fwd_tiles<Fa3FwdTraits<T, kHeadDim>, true>(params, stream);
   if constexpr (kHeadDim == 64) {
     if (params.seqlen_q >= kTallMinRows) return run_fa3_fwd_tiles<Fa3FwdTraits<T, kHeadDim, true>>(params, stream);
   }

@@ -25,4 +25,11 @@ inline CUtensorMap k_side_tmap(const QkvParams& p, const void* base, bool bf16, 
                               row_stride, box_rows);
 }
 
+// The gathered global keys or values (FwdParams::global_k / global_v): contiguous (B, Hkv, num_global, D).
+inline CUtensorMap global_key_tmap(const FwdParams& p, const void* base, bool bf16, int head_dim, int box_rows) {
+  const int64_t rows = p.num_global;
+  return sm90::make_bhsd_tmap(base, bf16, p.batch, p.heads_kv, rows, head_dim, p.heads_kv * rows * head_dim,
+                              rows * head_dim, head_dim, box_rows);
+}
+
 }  // namespace fae::fa3
