@@ -5,6 +5,7 @@ benchmark (bench_*.py time the calls).
     python bench/profile_call.py --seqlen 16384 --heads 16 --window 1024 --causal --globals 16
 """
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -42,11 +43,25 @@ def main():
         return flashattn_ext.attention(q, k, v, causal=args.causal, window=window, algorithm=args.algorithm, **extra)
 
     dout = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
-    for name, step in (("forward", lambda: call()),
+    def forward():
+        with torch.no_grad():  # as bench_*.py time the forward
+            return call()
+
+    for name, step in (("forward", forward),
                        ("forward+backward", lambda: torch.autograd.grad(call(), (q, k, v), dout))):
         for _ in range(2):  # warm-up: compile caches, cuBLAS handles
             step()
         torch.cuda.synchronize()
+        # Host-bound or GPU-bound: the time to issue a call against the time per call with the GPU's part.
+        n = 20
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        print(f"=== {name}: issuing {1e3 * (t1 - t0) / n:.3f} ms per call, {1e3 * (t2 - t0) / n:.3f} ms per call "
+              f"until the GPU is done ({n} calls back to back)")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.calls):
                 step()

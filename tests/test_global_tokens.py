@@ -532,7 +532,7 @@ def test_gpu_fwd_global_checks():
     q, k, v = make_qkv(1, 4, 2, 64, 64, D_DEFAULT, BF16, DEVICE, seed=1)
     kg, vg = k[:, :, :3].contiguous(), v[:, :, :3].contiguous()
     pos = torch.tensor([[0, 5, -1]], dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="needs the Hopper family"):
+    with pytest.raises(ValueError, match="need the Hopper family"):
         _ops.fwd_global(q, k, v, kg, vg, pos, 0.1, 4, 4, False, "fa2")
     with pytest.raises(ValueError, match="global_pos must be"):
         _ops.fwd_global(q, k, v, kg, vg, pos[:, :2].contiguous(), 0.1, 4, 4, False, "fa3")

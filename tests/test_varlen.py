@@ -188,12 +188,19 @@ def test_forward_equals_loop_and_reference(family, dtype, D, mask):
         # The same kernels on one padded sequence at a time: a tile past a sequence's end must neither read into
         # its result (keys of the next sequence masked) nor write into the next sequence's rows.
         loop_out, loop_lse = _loop_of_attention(q, k, v, cu_q, cu_k, family, causal=causal, window=window)
-        assert torch.equal(out, loop_out) and torch.equal(lse, loop_lse), "varlen != a loop over sequences"
         ref, ref_lse = attention_varlen_reference(q.double(), k.double(), v.double(), cu_q, cu_k, causal,
                                                   window=window)
         lowp, _ = attention_varlen_reference(q, k, v, cu_q, cu_k, causal, window=window, upcast=False)
     err, bound = max_abs_err(out, ref), 2 * max_abs_err(lowp, ref) + OUT_FLOOR
     assert err <= bound, (err, bound)
+    # Bitwise equal where both calls run the same tiles. The Hopper forward at D64 picks its tile shape by the
+    # grid's longest sequence (fwd_launch.cuh: 192-row / 96-key tiles from 2048 rows), so the packed call and a
+    # short sequence's own call sum in different orders there: both are held to the reference instead.
+    if family == "fa3" and D == 64:
+        assert max_abs_err(loop_out, ref) <= bound, "a loop over sequences vs the reference"
+        assert lse_check(loop_lse, ref_lse.float(), LSE_ATOL)[1], "a loop over sequences: lse"
+    else:
+        assert torch.equal(out, loop_out) and torch.equal(lse, loop_lse), "varlen != a loop over sequences"
     lse_err, ok = lse_check(lse, ref_lse.float(), LSE_ATOL)
     assert ok, lse_err
     assert (out.transpose(0, 1)[torch.isneginf(lse)] == 0).all()
