@@ -24,11 +24,12 @@ Finding the global positions in a bool mask needs their count on the host: ``glo
 (one device sync) and returns a ``GlobalTokens`` that every layer can reuse without another sync.
 """
 from collections import namedtuple
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from . import _ops
+from .kvcache import merge_states_reference
 from .reference import attention_reference, blocked_backward, in_window
 
 NEG_INF = float("-inf")
@@ -46,6 +47,8 @@ class GlobalTokens:
     flat_slot: (total,) int64, its column in ``index``.
     pos32: (B, max_count) int32, ``index`` with -1 on the padding (the kernels' form).
     max_count, total: host ints, the most global tokens of one sequence and their number over the batch.
+    cache: what the calls derive from the tokens and static sizes alone (expanded indexes, masks), made by the
+        first call that needs it and reused by every later layer and by the backward (``_cached``).
     """
     mask: torch.Tensor
     index: torch.Tensor
@@ -56,6 +59,7 @@ class GlobalTokens:
     pos32: torch.Tensor
     max_count: int
     total: int
+    cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def shape(self):
@@ -135,6 +139,15 @@ def adds_nothing(tokens, causal, left, right):
 Spec = namedtuple("Spec", "scale causal left right algorithm deterministic")  # left/right: causal folded in
 
 
+def _cached(tokens, key, make):
+    """make() once per GlobalTokens and key: a call's host time is mostly its count of PyTorch ops (about 100 per
+    forward before, measured host-bound), and indexes and masks depend only on the tokens and static sizes."""
+    hit = tokens.cache.get(key)
+    if hit is None:
+        hit = tokens.cache[key] = make()
+    return hit
+
+
 def _key_mask(tokens, S, spec):
     """(B, S, G) bool: non-global row i counts global key index[b, g] here (outside its window; j <= i if causal)."""
     i = torch.arange(S, device=tokens.device).view(1, S, 1)
@@ -173,20 +186,26 @@ def _add_bmm_(t, a, b):
         t.add_(torch.bmm(a, b).view(t.shape))
 
 
-def _gather_rows(t, index):
-    """t (B, H, S, D) rows at index (B, G): (B, H, G, D)."""
-    B, H, _, D = t.shape
-    return torch.gather(t, 2, index[:, None, :, None].expand(B, H, index.shape[1], D))
+def _rows_index(tokens, H, D):
+    B, G = tokens.index.shape
+    return _cached(tokens, ("rows", H, D), lambda: tokens.index[:, None, :, None].expand(B, H, G, D))
 
 
-def _gather_stat(t, index):
-    """t (B, H, S) at index (B, G): (B, H, G)."""
-    return torch.gather(t, 2, index[:, None, :].expand(t.shape[0], t.shape[1], index.shape[1]))
+def _gather_rows(t, tokens):
+    """t (B, H, S, D) rows at the global positions: (B, H, G, D)."""
+    return torch.gather(t, 2, _rows_index(tokens, t.shape[1], t.shape[3]))
 
 
-def _scatter_add_rows_(t, index, rows):
-    """t (B, H, S, D) rows at index (B, G) += rows (B, H, G, D). Padded slots carry exact zeros."""
-    t.scatter_add_(2, index[:, None, :, None].expand(rows.shape), rows.to(t.dtype))
+def _gather_stat(t, tokens):
+    """t (B, H, S) at the global positions: (B, H, G)."""
+    B, G = tokens.index.shape
+    H = t.shape[1]
+    return torch.gather(t, 2, _cached(tokens, ("stat", H), lambda: tokens.index[:, None, :].expand(B, H, G)))
+
+
+def _scatter_add_rows_(t, tokens, rows):
+    """t (B, H, S, D) rows at the global positions += rows (B, H, G, D). Padded slots carry exact zeros."""
+    t.scatter_add_(2, _rows_index(tokens, rows.shape[1], rows.shape[3]), rows.to(t.dtype))
 
 
 def _key_scores(q, kg, tokens, spec):
@@ -196,7 +215,9 @@ def _key_scores(q, kg, tokens, spec):
     Hkv, G = kg.shape[1], kg.shape[2]
     s = _bmm32(q.reshape(B * Hkv, Hq // Hkv * S, D), kg.reshape(B * Hkv, G, D).transpose(1, 2))
     s = s.mul_(spec.scale).view(B, Hkv, Hq // Hkv, S, G)
-    return s.masked_fill_(~_key_mask(tokens, S, spec)[:, None, None], NEG_INF)
+    hidden = _cached(tokens, ("key_mask", S, spec.left, spec.right, spec.causal),
+                     lambda: ~_key_mask(tokens, S, spec)[:, None, None])
+    return s.masked_fill_(hidden, NEG_INF)
 
 
 def _row_scores(qg, k, tokens, spec, exclude_global=False):
@@ -205,11 +226,14 @@ def _row_scores(qg, k, tokens, spec, exclude_global=False):
     Hkv, S = k.shape[1], k.shape[2]
     s = _bmm32(qg.reshape(B * Hkv, Hq // Hkv * G, D), k.reshape(B * Hkv, S, D).transpose(1, 2))
     s = s.mul_(spec.scale).view(B, Hkv, Hq // Hkv, G, S)
-    return s.masked_fill_(~_row_mask(tokens, S, spec, exclude_global)[:, None, None], NEG_INF)
+    hidden = _cached(tokens, ("row_mask", S, spec.left, spec.right, spec.causal, exclude_global),
+                     lambda: ~_row_mask(tokens, S, spec, exclude_global)[:, None, None])
+    return s.masked_fill_(hidden, NEG_INF)
 
 
 def _finite(lse):
-    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    """-inf (a row or part that saw no key) as 0, so subtracting it gives exp(-inf) = 0, never NaN."""
+    return lse.nan_to_num(neginf=0.0)
 
 
 def _logsumexp(s):
@@ -259,35 +283,46 @@ def fuses_global_keys(q, algorithm="auto"):
     return _FUSED_FAMILY[key] == "fa3"
 
 
+def _merge(o_a, lse_a, o_b, lse_b):
+    """merge_states of two float32 (float64) parts: the kernel on CUDA, the same math in PyTorch elsewhere."""
+    if o_a.is_cuda and _ops.HAS_MERGE_OP and o_a.dtype == torch.float32:
+        return _ops.merge_states(o_a, lse_a, o_b, lse_b)
+    return merge_states_reference(o_a, lse_a, o_b, lse_b)
+
+
+def _global_rows(q, k, v, o_l, lse_l, tokens, spec, exclude_global):
+    """(out, lse) of the global rows, (B, Hq, G, D) float32 and (B, Hq, G): their L part (rows of o_l, lse_l) merged
+    with D, every key outside their window (less the global keys when the kernel's L already counted those)."""
+    B, Hq, S, D = q.shape
+    Hkv, G = k.shape[1], tokens.max_count
+    s = _row_scores(_gather_rows(q, tokens), k, tokens, spec, exclude_global)  # (B, Hkv, group, G, S)
+    lse_d = torch.logsumexp(s, dim=-1)  # -inf for a row that counts no key here
+    p = s.sub_(_finite(lse_d).unsqueeze(-1)).exp_()
+    o_d = _bmm32(p.view(B * Hkv, Hq // Hkv * G, S).to(v.dtype), v.reshape(B * Hkv, S, D)).view(B, Hq, G, D)
+    return _merge(_gather_rows(o_l, tokens).to(o_d.dtype), _gather_stat(lse_l, tokens), o_d, lse_d.view(B, Hq, G))
+
+
 def _global_forward(q, k, v, tokens, spec):
     B, Hq, S, D = q.shape
-    Hkv, G, idx = k.shape[1], tokens.max_count, tokens.index
+    Hkv, G = k.shape[1], tokens.max_count
     group = Hq // Hkv
     fused = fuses_global_keys(q, spec.algorithm)
     if fused:
         # L and G of every row in one kernel pass: out and lse are final for the non-global rows.
-        kg, vg = _gather_rows(k, idx), _gather_rows(v, idx)
-        o_l, lse_l = _ops.fwd_global(q, k, v, kg, vg, tokens.pos32, spec.scale, spec.left, spec.right, spec.causal,
-                                     spec.algorithm)
+        o_l, lse_l = _ops.fwd_global(q, k, v, _gather_rows(k, tokens), _gather_rows(v, tokens), tokens.pos32,
+                                     spec.scale, spec.left, spec.right, spec.causal, spec.algorithm)
     else:
         o_l, lse_l = _window_forward(q, k, v, spec)
-    # Global rows: L merged with D, on the gathered rows (written over those rows of the output at the end).
-    # Fused, their "L" already holds the global keys outside the window, so D leaves those out.
-    qg = _gather_rows(q, idx)
-    p_d = _row_scores(qg, k, tokens, spec, exclude_global=fused)
-    lse_lr = _gather_stat(lse_l, idx)
-    lse_r = torch.logaddexp(lse_lr, _logsumexp(p_d).view(B, Hq, G))
-    _probs_(p_d, lse_r.view(B, Hkv, group, G))
-    o_r = _gather_rows(o_l, idx).to(p_d.dtype) * _weight(lse_lr, lse_r).unsqueeze(-1)
-    o_r += _bmm32(p_d.view(B * Hkv, group * G, S).to(v.dtype), v.reshape(B * Hkv, S, D)).view(B, Hq, G, D)
-    del p_d
+    # Global rows (written over those rows of the output at the end). Fused, their "L" already holds the global
+    # keys outside the window, so D leaves those out.
+    o_r, lse_r = _global_rows(q, k, v, o_l, lse_l, tokens, spec, exclude_global=fused)
     if fused:
         out, lse = o_l, lse_l
     else:
         # Non-global rows: L merged with G. The row's lse first, then out = w_L * o_L + P_G @ V_G: o_L scaled in
         # place (float32 math, stored in its dtype) and one GEMM accumulating into it; no float32 copy of the output.
-        kg, vg = _gather_rows(k, idx), _gather_rows(v, idx)
-        p_g = _key_scores(q, kg, tokens, spec)
+        vg = _gather_rows(v, tokens)
+        p_g = _key_scores(q, _gather_rows(k, tokens), tokens, spec)
         lse = torch.logaddexp(lse_l, _logsumexp(p_g).view(B, Hq, S))
         _probs_(p_g, lse.view(B, Hkv, group, S))
         out = o_l.mul_(_weight(lse_l, lse).unsqueeze(-1))
@@ -303,14 +338,14 @@ def _global_backward(dout, dlse, q, k, v, out, lse, tokens, spec):
     """(dq, dk, dv): every part's share given the final out and lse. With P = exp(s - lse) over a part's keys and
     Delta = rowsum(dO * O) - dlse: dV = P^T dO, dS = P * (dO V^T - Delta), dQ = scale dS K, dK = scale dS^T Q."""
     B, Hq, S, D = q.shape
-    Hkv, G, idx = k.shape[1], tokens.max_count, tokens.index
+    Hkv, G = k.shape[1], tokens.max_count
     group = Hq // Hkv
     dq, dk, dv = _window_backward(dout, q, k, v, out, lse, dlse, spec)
     delta = (dout * out).sum(dim=-1, dtype=torch.promote_types(out.dtype, torch.float32))
     if dlse is not None:
         delta = delta - dlse
     # G: non-global rows against the global keys.
-    kg, vg = _gather_rows(k, idx), _gather_rows(v, idx)
+    kg, vg = _gather_rows(k, tokens), _gather_rows(v, tokens)
     p_g = _probs_(_key_scores(q, kg, tokens, spec), lse.view(B, Hkv, group, S))
     do3, q3 = dout.reshape(B * Hkv, group * S, D), q.reshape(B * Hkv, group * S, D)
     dvg = _bmm32(p_g.view(B * Hkv, group * S, G).transpose(1, 2).to(dout.dtype), do3)
@@ -318,18 +353,18 @@ def _global_backward(dout, dlse, q, k, v, out, lse, tokens, spec):
     ds_g = p_g.mul_(dp_g.sub_(delta.view(B, Hkv, group, S, 1))).mul_(spec.scale).view(B * Hkv, group * S, G)
     _add_bmm_(dq, ds_g, kg.reshape(B * Hkv, G, D))
     dkg = _bmm32(ds_g.transpose(1, 2).to(q.dtype), q3)
-    _scatter_add_rows_(dk, idx, dkg.view(B, Hkv, G, D))
-    _scatter_add_rows_(dv, idx, dvg.view(B, Hkv, G, D))
+    _scatter_add_rows_(dk, tokens, dkg.view(B, Hkv, G, D))
+    _scatter_add_rows_(dv, tokens, dvg.view(B, Hkv, G, D))
     # D: global rows against the keys outside their window.
-    qg, dog = _gather_rows(q, idx), _gather_rows(dout, idx)
-    p_d = _probs_(_row_scores(qg, k, tokens, spec), _gather_stat(lse, idx).view(B, Hkv, group, G))
+    qg, dog = _gather_rows(q, tokens), _gather_rows(dout, tokens)
+    p_d = _probs_(_row_scores(qg, k, tokens, spec), _gather_stat(lse, tokens).view(B, Hkv, group, G))
     qg3, dog3 = qg.reshape(B * Hkv, group * G, D), dog.reshape(B * Hkv, group * G, D)
     k3, v3 = k.reshape(B * Hkv, S, D), v.reshape(B * Hkv, S, D)
     _add_bmm_(dv, p_d.view(B * Hkv, group * G, S).transpose(1, 2), dog3)
     dp_d = _bmm32(dog3, v3.transpose(1, 2)).view(p_d.shape)
-    ds_d = p_d.mul_(dp_d.sub_(_gather_stat(delta, idx).view(B, Hkv, group, G, 1))).mul_(spec.scale)
+    ds_d = p_d.mul_(dp_d.sub_(_gather_stat(delta, tokens).view(B, Hkv, group, G, 1))).mul_(spec.scale)
     ds_d = ds_d.view(B * Hkv, group * G, S)
-    _scatter_add_rows_(dq, idx, _bmm32(ds_d.to(k.dtype), k3).view(B, Hq, G, D))
+    _scatter_add_rows_(dq, tokens, _bmm32(ds_d.to(k.dtype), k3).view(B, Hq, G, D))
     _add_bmm_(dk, ds_d.transpose(1, 2), qg3)
     return dq, dk, dv
 
