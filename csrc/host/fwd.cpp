@@ -1,6 +1,6 @@
-// flashattn_ext::fwd: argument checks -> FwdParams -> the family chosen by dispatch.cpp. Empty inputs are answered
-// here without a launch (out 0, lse -inf for rows that see no key), for every family. Padded and varlen calls
-// differ only in the checks and the params' sequence part (sequences.h).
+// flashattn_ext::fwd and fwd_global: argument checks -> FwdParams -> the family chosen by dispatch.cpp. Empty
+// inputs are answered here without a launch (out 0, lse -inf for rows that see no key), for every family. Padded
+// and varlen calls differ only in the checks and the params' sequence part (sequences.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -11,6 +11,37 @@
 #include "sequences.h"
 
 namespace fae {
+namespace {
+
+// The outputs of a checked forward call and its params, or (launch false) the answer without a kernel: no row,
+// or no key (out 0, lse -inf).
+struct ForwardCall {
+  at::Tensor out, lse;
+  FwdParams params{};
+  bool launch = false;
+};
+
+ForwardCall prepare_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Sequences& seqs,
+                            double scale, int64_t window_left, int64_t window_right) {
+  ForwardCall call;
+  call.out = at::empty_like(q);  // q's layout when q is dense, else contiguous
+  call.lse = at::empty(lse_shape(q, seqs), q.options().dtype(at::kFloat));
+  if (call.out.numel() == 0) return call;
+  if (seqs.total_k == 0 || seqs.seqlen_k == 0) {  // no keys: every row sees nothing
+    call.out.zero_();
+    call.lse.fill_(-INFINITY);
+    return call;
+  }
+  FwdParams& p = call.params;
+  fill_qkv_params(p, q, k, v, seqs);
+  fill_output_params(p, call.out, call.lse, scale);
+  p.window_left = window_bound(window_left, seqs.seqlen_k);
+  p.window_right = window_bound(window_right, seqs.seqlen_q);
+  call.launch = true;
+  return call;
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                        int64_t window_left, int64_t window_right,
@@ -23,33 +54,15 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   const Family family = choose_family(algorithm, device_arch(q.get_device()), Direction::kFwd,
                                       static_cast<int>(q.size(-1)), seqs.varlen);
   const c10::cuda::CUDAGuard guard(q.device());
-
-  at::Tensor out = at::empty_like(q);  // q's layout when q is dense, else contiguous
-  at::Tensor lse = at::empty(lse_shape(q, seqs), q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
-  if (seqs.total_k == 0 || seqs.seqlen_k == 0) {  // no keys: every row sees nothing
-    out.zero_();
-    lse.fill_(-INFINITY);
-    return {out, lse};
-  }
-
-  FwdParams p{};
-  fill_qkv_params(p, q, k, v, seqs);
-  fill_output_params(p, out, lse, scale);
-  p.window_left = window_bound(window_left, seqs.seqlen_k);
-  p.window_right = window_bound(window_right, seqs.seqlen_q);
-  run_fwd(family, p, q, c10::cuda::getCurrentCUDAStream());
-  return {out, lse};
+  ForwardCall call = prepare_forward(q, k, v, seqs, scale, window_left, window_right);
+  if (call.launch) run_fwd(family, call.params, q, c10::cuda::getCurrentCUDAStream());
+  return {call.out, call.lse};
 }
 
-}  // namespace fae
-
-namespace fae {
-
-// flashattn_ext::fwd_global: fwd (padded, self-attention) with the Longformer global keys counted in the kernel
-// as extra key tiles (FwdParams::global_*): every row's window plus the global keys its window leaves out.
-// Hopper family only; flashattn_ext/global_tokens.py gathers global_k/v, merges in the global rows' other keys
-// and owns the autograd (this op has none).
+// fwd (padded, self-attention) with the Longformer global keys counted in the kernel as extra key tiles
+// (FwdParams::global_*): every row's window plus the global keys its window leaves out. Hopper family only;
+// flashattn_ext/global_tokens.py gathers global_k/v, merges in the global rows' other keys and owns the autograd
+// (this op has none). global_pos values are only compared in the kernel's mask, never used as addresses.
 std::tuple<at::Tensor, at::Tensor> fwd_global(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const at::Tensor& global_k, const at::Tensor& global_v,
                                               const at::Tensor& global_pos, double scale, int64_t window_left,
@@ -85,20 +98,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_global(const at::Tensor& q, const at::Ten
                     ") tensor on q's device, got shape ", shape(global_pos.sizes()), " on ",
                     global_pos.device().str());
   const c10::cuda::CUDAGuard guard(q.device());
-
-  at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty(lse_shape(q, seqs), q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
-  if (seqs.seqlen_k == 0) {
-    out.zero_();
-    lse.fill_(-INFINITY);
-    return {out, lse};
-  }
-  FwdParams p{};
-  fill_qkv_params(p, q, k, v, seqs);
-  fill_output_params(p, out, lse, scale);
-  p.window_left = window_bound(window_left, seqs.seqlen_k);
-  p.window_right = window_bound(window_right, seqs.seqlen_q);
+  ForwardCall call = prepare_forward(q, k, v, seqs, scale, window_left, window_right);
+  if (!call.launch) return {call.out, call.lse};
+  FwdParams& p = call.params;
   if (G > 0) {
     p.global_k = global_k.data_ptr();
     p.global_v = global_v.data_ptr();
@@ -107,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_global(const at::Tensor& q, const at::Ten
     p.global_causal = global_causal;
   }
   run_fwd(family, p, q, c10::cuda::getCurrentCUDAStream());
-  return {out, lse};
+  return {call.out, call.lse};
 }
 
 }  // namespace fae

@@ -14,6 +14,8 @@
 //     the consumers take turns issuing (ping-pong). Across tiles the same: the next tile's first S is issued
 //     with this tile's last PV (two Q buffers). O is normalised and staged in the tile's Q buffer, then stored
 //     with 16-byte coalesced copies (D256, one Q buffer: straight from the accumulators).
+// kGlobal (op fwd_global, Longformer global tokens): after a query tile's window tiles come the tiles of the
+//   batch's gathered global K/V, masked to the global keys each row's window leaves out.
 // The FAE_FA3_* macros are tuning experiments (bench/probe_batch.sh); the defaults are the measured best.
 // Shared-memory tiles are stored as the TMA writes them with the 128-byte swizzle: each 64-column panel of a
 // tile is rows x 128 bytes, 8-row atoms of 1024 bytes; the wgmma descriptors below address that layout.
