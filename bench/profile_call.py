@@ -5,12 +5,16 @@ benchmark (bench_*.py time the calls).
     python bench/profile_call.py --seqlen 16384 --heads 16 --window 1024 --causal --globals 16
 """
 import argparse
-import time
+import os
+import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import flashattn_ext
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_overhead import host_and_wall_us  # noqa: E402
+
+import flashattn_ext  # noqa: E402
 
 
 def main():
@@ -53,15 +57,9 @@ def main():
             step()
         torch.cuda.synchronize()
         # Host-bound or GPU-bound: the time to issue a call against the time per call with the GPU's part.
-        n = 20
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        print(f"=== {name}: issuing {1e3 * (t1 - t0) / n:.3f} ms per call, {1e3 * (t2 - t0) / n:.3f} ms per call "
-              f"until the GPU is done ({n} calls back to back)")
+        host_us, wall_us = host_and_wall_us(step, calls=20)
+        print(f"=== {name}: issuing {host_us / 1e3:.3f} ms per call, {wall_us / 1e3:.3f} ms per call until the GPU is "
+              f"done (20 calls back to back, median of 5)")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.calls):
                 step()
