@@ -80,6 +80,13 @@ struct Fa3BwdTraits {
   static constexpr bool kDqBulk = true;
 #endif
   static constexpr int kDqPartBytes = kBlockM * kDqCols * 4;  // one consumer's dQ part (fp32)
+  // Order of a step's last two GEMMs: dK then dQ, both awaited before dQ is staged (default), or dQ first, so that
+  // staging dQ and its reduce run while the tensor cores do dK (experiment, not yet measured: bench/NOTES.md).
+#ifdef FAE_FA3_BWD_DQ_FIRST
+  static constexpr bool kDqFirst = FAE_FA3_BWD_DQ_FIRST;
+#else
+  static constexpr bool kDqFirst = false;
+#endif
   // K | V | Q stages | dO stages | dS^T per consumer | dQ part per consumer (bulk only) | mbarriers; the
   // swizzled tiles first, each a multiple of the 1024-byte atom. lse_log2 and Delta are read from global memory
   // (L2) by the consumers: staging them through shared memory with bulk copies made the stage's reuse a
@@ -378,15 +385,26 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     ds_sync();
 
     float acc_dq[kWithDq ? Tr::kDqCols / 2 : 1];
+    constexpr bool kDqFirst = kWithDq && Tr::kDqFirst;
     wgmma_fence();
-    C::issue_ss(acc_dk, ds_base, q_base);
-    if constexpr (kWithDq) C::issue_dq(acc_dq, dq_a, dq_b);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(acc_dv);
-    fence_regs(acc_dk);
-    fence_regs(acc_dq);
-    if (lane == 0) mbar_arrive(&bar_free[stage]);
+    if constexpr (kDqFirst) {
+      C::issue_dq(acc_dq, dq_a, dq_b);
+      wgmma_commit();
+      C::issue_ss(acc_dk, ds_base, q_base);
+      wgmma_commit();
+      wgmma_wait<1>();  // dV and dQ done; dK may still run (the stage is released after it, below)
+      fence_regs(acc_dv);
+      fence_regs(acc_dq);
+    } else {
+      C::issue_ss(acc_dk, ds_base, q_base);
+      if constexpr (kWithDq) C::issue_dq(acc_dq, dq_a, dq_b);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(acc_dv);
+      fence_regs(acc_dk);
+      fence_regs(acc_dq);
+      if (lane == 0) mbar_arrive(&bar_free[stage]);
+    }
     if constexpr (!kWithDq) continue;
 
     // dq_accum rows m0 .. m0 + 63 (inside the sequence's padded rows: no bounds check; rows past seqlen_q add
@@ -412,6 +430,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         red_add_v2(dq + 8 * j, acc_dq[4 * j], acc_dq[4 * j + 1]);
         red_add_v2(dq + 8 * kD + 8 * j, acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
       }
+    }
+    if constexpr (kDqFirst) {
+      wgmma_wait<0>();  // dK done: the stage's Q and this step's dS^T are read
+      fence_regs(acc_dk);
+      if (lane == 0) mbar_arrive(&bar_free[stage]);
     }
   }
   if constexpr (kDqBulk) {
