@@ -14,7 +14,7 @@ import flashattn_ext
 from flashattn_ext import GlobalTokens, _ops, global_tokens
 from flashattn_ext.api import kernel_window
 from flashattn_ext.global_tokens import fuses_global_keys
-from flashattn_ext.reference import attention_reference, visible_mask
+from flashattn_ext.reference import attention_reference, in_window, visible_mask
 from flashattn_ext.testing import (BF16, D_DEFAULT, DEVICE, FP16, GPU_FAMILIES, lse_check, make_qkv, max_abs_err,
                                    need_family, need_head_dim, seed_of, two_x_rule)
 
@@ -93,6 +93,44 @@ def reference_grads(q, k, v, dout, dlse, upcast, **kw):
     leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
     out, lse = attention_reference(*leaves, return_lse=True, upcast=upcast, **kw)
     return torch.autograd.grad((out, lse), leaves, (dout.to(dt), dlse.to(lse.dtype)))
+
+
+def _kernel_semantics_fwd_global(q, k, v, kg, vg, pos, scale, left, right, causal, algorithm):
+    """What op fwd_global computes, densely in float64 on the CPU: every row's window plus the global keys
+    (positions ``pos``, -1 padding) that the window leaves out, causal ones only at or before the row."""
+    B, Hq, S, D = q.shape
+    i = torch.arange(S).view(S, 1)
+    j = torch.arange(S).view(1, S)
+    is_global = torch.zeros(B, S, dtype=torch.bool)
+    for b in range(B):
+        p = pos[b][pos[b] >= 0].long()
+        is_global[b, p] = True
+    extra = is_global[:, None, :] & ((j <= i) if causal else torch.ones(S, S, dtype=torch.bool))
+    visible = (in_window(i, j, left, right) | extra).unsqueeze(1)  # (B, 1, S, S)
+    group = Hq // k.shape[1]
+    kr, vr = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    s = (q.double() @ kr.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p_ = torch.exp(s - lse.nan_to_num(neginf=0.0).unsqueeze(-1))
+    return (p_ @ vr).to(q.dtype), lse.float()
+
+
+@pytest.mark.parametrize("pattern", ["one", "seven", "prefix"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [(0, 0), (17, 17), (3, 17), (-1, 5), (5, -1)])
+def test_cpu_composition_around_the_global_key_kernel(monkeypatch, window, causal, pattern):
+    """The Python side of the fused path (fa3 on a GPU: fwd_global, then the global rows without the global keys
+    merged in) on the CPU, with the kernel's semantics computed densely in its place: the result is the global-token
+    rule (against the reference), so the kernel's part and the Python part partition every row's keys."""
+    import sys
+    gt = sys.modules["flashattn_ext.global_tokens"]
+    monkeypatch.setattr(gt, "fuses_global_keys", lambda q, algorithm="auto": True)
+    monkeypatch.setattr(gt._ops, "fwd_global", _kernel_semantics_fwd_global)
+    q, k, v, gm = cpu_case(2, 4, 2, S_ODD, 32, torch.float64, causal, window, pattern)
+    out, lse = flashattn_ext.attention(q, k, v, causal=causal, window=window, global_mask=gm, return_lse=True)
+    ref, ref_lse = attention_reference(q, k, v, causal=causal, window=window, global_mask=gm, return_lse=True)
+    # float64 throughout except the kernel's float32 lse, as in test_cpu_float64_is_exact_up_to_lse_rounding.
+    assert max_abs_err(out, ref) < 1e-6 and max_abs_err(lse, ref_lse) < 1e-5
 
 
 def check_grads(attention, q, k, v, gm, causal, window):
