@@ -2,9 +2,10 @@
 
 Importing ``flashattn_ext._C`` runs its TORCH_LIBRARY block (csrc/host/ops.cpp), which defines
 ``torch.ops.flashattn_ext.{fwd, fwd_global, bwd, kvcache_fwd, merge_states}`` and registers fwd's autograd (in
-C++, so a call that needs no gradient runs no Python kernel). ``fwd`` and ``bwd`` serve every kernel family: their ``algorithm``
-argument ("auto", "fa2", "fa1", "fa3") is resolved in C++ with the device's compute capability; their optional
-``cu_seqlens_q/k, max_seqlen_q/k`` arguments select packed variable-length sequences (attention_varlen). The package
+C++, so a call that needs no gradient runs no Python kernel). ``fwd`` and ``bwd`` serve every kernel family: their
+``algorithm`` argument ("auto", "fa2", "fa1", "fa3") is resolved in C++ with the device's compute capability;
+their optional ``cu_seqlens_q/k, max_seqlen_q/k`` arguments select packed variable-length sequences
+(attention_varlen). The package
 must still import without the extension (CPU reference path, docs, tests), so a missing or broken extension only
 disables the CUDA path.
 """
@@ -103,8 +104,8 @@ def _merge_states_fake(o_a, lse_a, o_b, lse_b):
 # The forward op itself, looked up once: attention()'s hot path calls it without walking torch.ops each time.
 FWD = torch.ops.flashattn_ext.fwd.default if _has_op("fwd") else None
 
-for _name, _fake in (("fwd", _fwd_fake), ("fwd_global", _fwd_global_fake), ("bwd", _bwd_fake), ("kvcache_fwd", _kvcache_fwd_fake),
-                     ("merge_states", _merge_states_fake)):
+for _name, _fake in (("fwd", _fwd_fake), ("fwd_global", _fwd_global_fake), ("bwd", _bwd_fake),
+                     ("kvcache_fwd", _kvcache_fwd_fake), ("merge_states", _merge_states_fake)):
     if _has_op(_name):  # an extension built without an op (e.g. no decode head dim) still imports
         torch.library.register_fake(f"flashattn_ext::{_name}")(_fake)
 

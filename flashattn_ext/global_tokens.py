@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _ops
-from .kvcache import merge_states_reference
+from .kvcache import merge_states_unchecked
 from .reference import attention_reference, blocked_backward, in_window
 
 NEG_INF = float("-inf")
@@ -236,12 +236,6 @@ def _finite(lse):
     return lse.nan_to_num(neginf=0.0)
 
 
-def _logsumexp(s):
-    """logsumexp over the last dim; -inf for a row of -inf (never NaN)."""
-    m = _finite(s.amax(dim=-1))
-    return m + torch.log(torch.exp(s - m.unsqueeze(-1)).sum(dim=-1))
-
-
 def _probs_(s, lse):
     """exp(s - lse) in place: the share of each counted key in the row's whole softmax (lse of every part)."""
     return s.sub_(_finite(lse).unsqueeze(-1)).exp_()
@@ -283,13 +277,6 @@ def fuses_global_keys(q, algorithm="auto"):
     return _FUSED_FAMILY[key] == "fa3"
 
 
-def _merge(o_a, lse_a, o_b, lse_b):
-    """merge_states of two float32 (float64) parts: the kernel on CUDA, the same math in PyTorch elsewhere."""
-    if o_a.is_cuda and _ops.HAS_MERGE_OP and o_a.dtype == torch.float32:
-        return _ops.merge_states(o_a, lse_a, o_b, lse_b)
-    return merge_states_reference(o_a, lse_a, o_b, lse_b)
-
-
 def _global_rows(q, k, v, o_l, lse_l, tokens, spec, exclude_global):
     """(out, lse) of the global rows, (B, Hq, G, D) float32 and (B, Hq, G): their L part (rows of o_l, lse_l) merged
     with D, every key outside their window (less the global keys when the kernel's L already counted those)."""
@@ -299,7 +286,8 @@ def _global_rows(q, k, v, o_l, lse_l, tokens, spec, exclude_global):
     lse_d = torch.logsumexp(s, dim=-1)  # -inf for a row that counts no key here
     p = s.sub_(_finite(lse_d).unsqueeze(-1)).exp_()
     o_d = _bmm32(p.view(B * Hkv, Hq // Hkv * G, S).to(v.dtype), v.reshape(B * Hkv, S, D)).view(B, Hq, G, D)
-    return _merge(_gather_rows(o_l, tokens).to(o_d.dtype), _gather_stat(lse_l, tokens), o_d, lse_d.view(B, Hq, G))
+    o_l_rows = _gather_rows(o_l, tokens).to(o_d.dtype)
+    return merge_states_unchecked(o_l_rows, _gather_stat(lse_l, tokens), o_d, lse_d.view(B, Hq, G))
 
 
 def _global_forward(q, k, v, tokens, spec):
@@ -323,7 +311,7 @@ def _global_forward(q, k, v, tokens, spec):
         # place (float32 math, stored in its dtype) and one GEMM accumulating into it; no float32 copy of the output.
         vg = _gather_rows(v, tokens)
         p_g = _key_scores(q, _gather_rows(k, tokens), tokens, spec)
-        lse = torch.logaddexp(lse_l, _logsumexp(p_g).view(B, Hq, S))
+        lse = torch.logaddexp(lse_l, torch.logsumexp(p_g, dim=-1).view(B, Hq, S))  # -inf rows stay -inf
         _probs_(p_g, lse.view(B, Hkv, group, S))
         out = o_l.mul_(_weight(lse_l, lse).unsqueeze(-1))
         _add_bmm_(out, p_g.view(B * Hkv, group * S, G), vg.reshape(B * Hkv, G, D))

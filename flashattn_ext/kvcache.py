@@ -390,6 +390,12 @@ def merge_states(o_a, lse_a, o_b, lse_b):
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
         if t.dtype != torch.float32 or tuple(t.shape) != want:
             raise ValueError(f"{name} must be float32 of shape {want}, got {t.dtype} {tuple(t.shape)}")
+    return merge_states_unchecked(o_a, lse_a, o_b, lse_b)
+
+
+def merge_states_unchecked(o_a, lse_a, o_b, lse_b):
+    """merge_states without its argument checks (internal callers that build the inputs themselves): the kernel on
+    CUDA for float32/float16/bfloat16, merge_states_reference otherwise (any lse dtype there)."""
     if (o_a.device.type == "cuda" and _ops.HAS_MERGE_OP
             and o_a.dtype in (torch.float32, torch.float16, torch.bfloat16)):
         return _ops.merge_states(o_a, lse_a, o_b, lse_b)
