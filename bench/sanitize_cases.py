@@ -17,7 +17,8 @@ CASES = [  # (B, Hq, Hkv, Sq, Sk, D, causal, window, transposed)
 ]
 
 
-# FAE_SANITIZE_ALGOS=fa3 (say) checks one family: racecheck over every family outlasts one device call.
+# FAE_SANITIZE_ALGOS=fa3 (say) checks one family ("decode": the KV-cache kernels only): racecheck over every family
+# outlasts one device call.
 ONLY = tuple(a for a in os.environ.get("FAE_SANITIZE_ALGOS", "").split(",") if a)
 # FAE_SANITIZE_CASES=0,1 (indices into CASES) runs a subset, for the same reason.
 PICK = tuple(int(i) for i in os.environ.get("FAE_SANITIZE_CASES", "").split(",") if i)
@@ -49,7 +50,7 @@ def main():
         torch.cuda.synchronize()
         print("ok", B, Hq, Hkv, Sq, Sk, D, causal, window, tr, "bwd" if has_bwd else "")
     varlen_cases(has_bwd)  # every family with varlen kernels (FAE_SANITIZE_ALGOS filters them)
-    if not ONLY or "fa2" in ONLY:  # decode runs FA2-family kernels
+    if not ONLY or "fa2" in ONLY or "decode" in ONLY:  # decode (FA2-family math; FAE_SANITIZE_ALGOS=decode: alone)
         for variant in flashattn_ext.kvcache.DECODE_VARIANTS:  # each split-kernel variant (FAE_DECODE_VARIANT)
             os.environ["FAE_DECODE_VARIANT"] = variant
             print("decode variant", variant)
@@ -86,7 +87,7 @@ def decode_cases():
     """Paged decode with in-kernel append, split-KV + combine, and merge_states."""
     if not hasattr(torch.ops.flashattn_ext, "kvcache_fwd"):
         return
-    B, Hq, Hkv, D, page = 2, 8, 2, 128, 16
+    B, Hq, Hkv, D, page = 2, 16, 8, 128, 16  # 8 kv heads: the heads-per-block variants run their own kernel
     lens = torch.tensor([37, 100], dtype=torch.int32, device="cuda")
     pages_per_seq = 8
     k_pages = torch.randn(B * pages_per_seq, page, Hkv, D, device="cuda", dtype=torch.bfloat16)
@@ -114,7 +115,7 @@ def garbage_cases():
     dims = [d for d in (128, 64) if d in flashattn_ext.kvcache.decode_head_dims()]
     if not dims:
         return
-    B, Hq, Hkv, D, page, per_seq, guard = 4, 8, 2, dims[0], 16, 3, 2
+    B, Hq, Hkv, D, page, per_seq, guard = 4, 16, 8, dims[0], 16, 3, 2  # 8 kv heads: see decode_cases
     num_pages = B * per_seq + guard
     capacity = per_seq * page
     bf16 = dict(device="cuda", dtype=torch.bfloat16)

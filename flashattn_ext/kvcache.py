@@ -14,10 +14,10 @@ from .reference import attention_reference, effective_window
 
 MAX_SPLITS = 256
 # Variants of the CUDA split kernel (csrc/kernels/decode/decode_launch.cuh, FAE_DECODE_VARIANTS: warps per block,
-# ring stages, cp.async gathers or one bulk copy per K/V row, tiles prefetched into L2). The environment variable
-# FAE_DECODE_VARIANT picks one per call (unset: kDefaultDecodeVariant there); benchmarks and tests use it to compare
-# and cover them.
-DECODE_VARIANTS = ("bulk_4w3s", "cp_4w3s", "bulk_2w4s")
+# ring stages, cp.async gathers or one bulk copy per K/V row, tiles prefetched into L2, kv heads per block). The
+# environment variable FAE_DECODE_VARIANT picks one per call (unset: decode_plan there chooses per call);
+# benchmarks and tests use it to compare and cover them.
+DECODE_VARIANTS = ("bulk_4w3s", "cp_4w3s", "bulk_2w4s", "heads4_3s")
 DECODE_VARIANT_ENV = "FAE_DECODE_VARIANT"
 
 

@@ -120,8 +120,16 @@ struct KvCacheParams {
   float* __restrict__ ws_lse;  // (num_splits, batch, heads_q, seqlen_q) contiguous
   int num_splits;    // 1: the attention kernel writes o and lse directly, no combine
   int num_m_blocks;  // blocks of packed (query row, head in group) rows per (batch, kv head)
+  int split_variant;  // the split kernel's variant (decode_launch.cuh, FAE_DECODE_VARIANTS), chosen by the host
   float scale, scale_log2;
   int window_left, window_right;  // as FwdParams, around p = i + seqlen_k - seqlen_q (seqlen_k per batch)
+};
+
+// The host's view of a decode call's split kernel (decode_plan in decode_launch.cuh): which variant runs, how
+// many of its blocks fit on an SM, and how many kv heads each block takes (its grid has batch * num_m_blocks *
+// heads_kv / heads_per_block blocks per split), for the num_splits heuristic.
+struct DecodePlan {
+  int variant, blocks_per_sm, heads_per_block;
 };
 
 // merge_states: two partial attention results over disjoint key sets -> the result over their union.

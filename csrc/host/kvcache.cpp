@@ -27,7 +27,7 @@ namespace fae {
 template <typename T, int kHeadDim>
 void run_kvcache_fwd(const KvCacheParams& params, cudaStream_t stream);
 template <typename T, int kHeadDim>
-int decode_blocks_per_sm();
+DecodePlan decode_plan(const KvCacheParams& params, int sms, int64_t max_splits);
 template <typename T>
 void run_merge_states(const MergeStatesParams& params, cudaStream_t stream);
 
@@ -56,9 +56,13 @@ void decode_hdim_switch(int64_t D, F&& f) {
 // at most kAutoMaxSplits, and one split per 256 keys of capacity. One sequence, 8 kv heads, 264 resident blocks:
 // 32 splits (256 blocks); a batch that already fills whole waves (64 x 8 on 2 blocks/SM: 1.94 waves): 1.
 constexpr double kWaveTarget = 0.95;
+int64_t max_auto_splits(int64_t capacity) {
+  return std::max<int64_t>(1, std::min(kAutoMaxSplits, (capacity + 255) / 256));
+}
+
 int64_t auto_num_splits(int64_t base_blocks, int64_t capacity, int64_t wave) {
   if (base_blocks <= 0 || capacity <= 256 || wave <= 0) return 1;
-  const int64_t max_splits = std::min(kAutoMaxSplits, (capacity + 255) / 256);
+  const int64_t max_splits = max_auto_splits(capacity);
   int64_t best_s = 1;
   double best = 0.0;
   for (int64_t s = 1; s <= max_splits; ++s) {
@@ -197,17 +201,16 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
     decode_hdim_switch(D, [&](auto hdim) {
       constexpr int kHeadDim = decltype(hdim)::value;
       const int64_t rows = B * Hq * Sq;
+      int sms = 0;  // host-side queries only: no sync, capture-safe
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()));
+      const int64_t capacity = max_pages * page_size;
+      const DecodePlan plan = decode_plan<T, kHeadDim>(p, sms, max_auto_splits(capacity));
+      p.split_variant = plan.variant;
       int64_t splits = 1;
       if (rows > 0) {
-        const int64_t base_blocks = static_cast<int64_t>(p.num_m_blocks) * B * Hkv;
-        if (num_splits > 0) {
-          splits = num_splits;
-        } else {
-          int sms = 0;  // a host-side attribute query: no sync, capture-safe
-          C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()));
-          splits = auto_num_splits(base_blocks, max_pages * page_size,
-                                   int64_t(sms) * decode_blocks_per_sm<T, kHeadDim>());
-        }
+        const int64_t base_blocks = static_cast<int64_t>(p.num_m_blocks) * B * (Hkv / plan.heads_per_block);
+        splits = num_splits > 0 ? num_splits
+                                : auto_num_splits(base_blocks, capacity, int64_t(sms) * plan.blocks_per_sm);
       }
       at::Tensor ws;
       if (splits > 1) {

@@ -3,5 +3,5 @@
 
 namespace fae {
 template void run_kvcache_fwd<__nv_bfloat16, 128>(const KvCacheParams&, cudaStream_t);
-template int decode_blocks_per_sm<__nv_bfloat16, 128>();
+template DecodePlan decode_plan<__nv_bfloat16, 128>(const KvCacheParams&, int, int64_t);
 }  // namespace fae

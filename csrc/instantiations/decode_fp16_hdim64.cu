@@ -3,5 +3,5 @@
 
 namespace fae {
 template void run_kvcache_fwd<__half, 64>(const KvCacheParams&, cudaStream_t);
-template int decode_blocks_per_sm<__half, 64>();
+template DecodePlan decode_plan<__half, 64>(const KvCacheParams&, int, int64_t);
 }  // namespace fae

@@ -14,6 +14,8 @@
 //                          S = Q K^T and O += P V with mma.sync m16n8k16 and keeps its own SoftmaxState per row.
 //                          At the end the warps' states are merged with SoftmaxState::merge (fixed order),
 //                          then written as the final (o, lse) when num_splits == 1, else as an fp32 partial.
+//                          decode_heads_kernel (heads_kernel.cuh) is the same work with 4 kv heads per block and
+//                          one copy per key row of all 4: the default on the paged cache (decode_plan).
 //   decode_combine_kernel  merges the num_splits partials of each row (the total state with SoftmaxState::merge in
 //                          a fixed order, then the weighted sum in split order: deterministic), writes o in q's
 //                          dtype and lse. Launched as a programmatic dependent of the split kernel on sm_90.
@@ -56,6 +58,7 @@ struct DecodeTraits {
   static constexpr int kStages = kStages_;
   static constexpr bool kBulk = kBulk_;
   static constexpr int kPrefetch = kPrefetch_;
+  static constexpr int kHeadsPerBlock = 1;  // one kv head per block (heads_kernel.cuh: several)
   static constexpr int kDTiles = kHeadDim / 8;
   using QTile = SmemTile<kBlockM, kHeadDim>;
   using KVTile = SmemTile<kBlockN, kHeadDim>;
