@@ -82,6 +82,68 @@ struct DecodeTraits {
   static_assert(QTile::kBytes % 16 == 0, "epilogue staging must stay 16-byte aligned");
 };
 
+// A split-kernel block's key tiles (tile_keys keys each): the tiles holding keys [key_begin, key_end) cut into
+// num_splits near-equal contiguous pieces; piece `split` as [x, y) (empty where the split is past the keys).
+__device__ __forceinline__ int2 split_tile_range(int key_begin, int key_end, int tile_keys, int split,
+                                                 int num_splits) {
+  const int tile_lo = key_begin / tile_keys;
+  const int tile_hi = key_end > key_begin ? (key_end + tile_keys - 1) / tile_keys : tile_lo;
+  const int per_split = (tile_hi - tile_lo + num_splits - 1) / num_splits;
+  const int begin = min(tile_lo + split * per_split, tile_hi);
+  return make_int2(begin, min(begin + per_split, tile_hi));
+}
+
+// One warp's step over 16 keys of a ring tile, in both split kernels: S = Q K^T for its 16 packed rows (Q as the
+// A fragments of the k16 steps, in registers), the mask, the online softmax in the log2 domain (as the FA2
+// forward; each thread sums only its own columns into l, the quad is summed in the epilogue) and O += P V. K and
+// V are rows [row0, row0 + 16) of Tile at sK / sV; c0 is the position of the first of those keys.
+template <typename T, typename Tile, int kDT, int kKSteps>
+__device__ __forceinline__ void decode_key16_step(float (&acc_o)[kDT][4], SoftmaxState (&state)[2],
+                                                  const uint32_t (&qa)[1][kKSteps][4], uint32_t sK, uint32_t sV,
+                                                  int row0, int c0, const WindowMask& mask, int i_lo, int i_end,
+                                                  const int (&qi)[2], float scale_log2, int lane) {
+  const int t = lane % 4;
+  float acc_s[2][4];  // key tiles 0 and 1 of the 16 keys
+  zero_acc(acc_s);
+  gemm_rbt<T, Tile>(one_mtile(acc_s), qa, sK, row0, lane);
+  if (!mask.tile_fully_visible(i_lo, i_end, c0, c0 + 16)) {
+#pragma unroll
+    for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (!mask.visible(qi[e >> 1], c0 + ni * 8 + 2 * t + (e & 1))) acc_s[ni][e] = -INFINITY;
+  }
+  float factor[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float mx = fmaxf(fmaxf(acc_s[0][2 * half], acc_s[0][2 * half + 1]),
+                     fmaxf(acc_s[1][2 * half], acc_s[1][2 * half + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    SoftmaxState& st = state[half];
+    factor[half] = st.rescale_to(mx * scale_log2);
+    const float offset = st.exp_offset();
+    float sum = 0.f;
+#pragma unroll
+    for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+      for (int e = 2 * half; e < 2 * half + 2; ++e) {
+        const float pe = exp2_approx(fmaf(acc_s[ni][e], scale_log2, -offset));
+        acc_s[ni][e] = pe;
+        sum += pe;
+      }
+    st.l += sum;
+  }
+#pragma unroll
+  for (int di = 0; di < kDT; ++di)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[di][e] *= factor[e >> 1];
+  // The S accumulators of the two key tiles are the A operand of one k16 step of P V.
+  uint32_t pf[1][1][4];
+  pack_a_frags<T>(pf, one_mtile(acc_s));
+  gemm_rb<T, Tile>(one_mtile(acc_o), pf, sV, row0, 0, lane);
+}
+
 // pos -> (logical page, row in page) without an integer division when the page size is a power of two (every
 // common size) or the cache is contiguous (one page per sequence): a shift and a mask, uniform over the block.
 struct PageSplitter {

@@ -28,7 +28,7 @@ struct DecodeHeadsTraits {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kStages = kStages_;
   static constexpr int kBlockM = 16;  // packed rows per warp: one mma m-tile
-  static constexpr int kBlockN = 16;  // keys per tile: one k16 step of P V
+  static constexpr int kBlockN = 16;  // keys per tile: one k16 step of P V (decode_key16_step)
   static constexpr int kDTiles = kHeadDim / 8;
   static constexpr int kKeyPitchBytes = kHeads_ * kHeadDim * 2 + 16;
   static constexpr int kKVBytes = kBlockN * kKeyPitchBytes;  // K (or V) of one stage
@@ -80,13 +80,8 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_heads_kernel(const __grid
   const int seqlen_k = kvcache_seqlen_k(p, b);
   const WindowMask mask{p.seqlen_q, seqlen_k, p.window_left, p.window_right};
   const int i_lo = mr0 / group, i_end = (mr_end - 1) / group + 1;
-  const int key_begin = mask.key_begin(i_lo), key_end = mask.key_end(i_end);
-  const int tile_lo = key_begin / kBlockN;
-  const int tile_hi = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : tile_lo;
-  const int per_split = (tile_hi - tile_lo + p.num_splits - 1) / p.num_splits;
-  const int tile_begin = min(tile_lo + split * per_split, tile_hi);
-  const int tile_end = min(tile_begin + per_split, tile_hi);
-  const int n_tiles = tile_end - tile_begin;
+  const int2 tiles = split_tile_range(mask.key_begin(i_lo), mask.key_end(i_end), kBlockN, split, p.num_splits);
+  const int tile_begin = tiles.x, tile_end = tiles.y, n_tiles = tile_end - tile_begin;
   const PageSplitter pages(p.page_size, p.block_table == nullptr);
 
   // This thread's copy of every tile: (K or V, key, head unit). When the block's heads are adjacent in memory
@@ -180,46 +175,8 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_heads_kernel(const __grid
       const int tile = tile_begin + j;
       sm90::mbar_wait(bars + stage, (j / kStages) & 1);
       const uint32_t sK = sRing + stage * Tr::kStageBytes + warp * kD * 2, sV = sK + Tr::kKVBytes;
-      float acc_s[2][4];
-      zero_acc(acc_s);
-      gemm_rbt<T, Slice>(one_mtile(acc_s), qa, sK, 0, lane);
-
-      const int c0 = tile * kBlockN;
-      if (!mask.tile_fully_visible(i_lo, i_end, c0, c0 + kBlockN)) {
-#pragma unroll
-        for (int ni = 0; ni < 2; ++ni)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (!mask.visible(qi[e >> 1], c0 + ni * 8 + 2 * t + (e & 1))) acc_s[ni][e] = -INFINITY;
-      }
-      float factor[2];
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float mx = fmaxf(fmaxf(acc_s[0][2 * half], acc_s[0][2 * half + 1]),
-                         fmaxf(acc_s[1][2 * half], acc_s[1][2 * half + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-        SoftmaxState& st = state[half];
-        factor[half] = st.rescale_to(mx * p.scale_log2);
-        const float offset = st.exp_offset();
-        float sum = 0.f;
-#pragma unroll
-        for (int ni = 0; ni < 2; ++ni)
-#pragma unroll
-          for (int e = 2 * half; e < 2 * half + 2; ++e) {
-            const float pe = exp2_approx(fmaf(acc_s[ni][e], p.scale_log2, -offset));
-            acc_s[ni][e] = pe;
-            sum += pe;
-          }
-        st.l += sum;
-      }
-#pragma unroll
-      for (int di = 0; di < kDT; ++di)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_o[di][e] *= factor[e >> 1];
-      uint32_t pf[1][1][4];
-      pack_a_frags<T>(pf, one_mtile(acc_s));
-      gemm_rb<T, Slice>(one_mtile(acc_o), pf, sV, 0, 0, lane);
+      decode_key16_step<T, Slice>(acc_o, state, qa, sK, sV, 0, tile * kBlockN, mask, i_lo, i_end, qi,
+                                  p.scale_log2, lane);
       // Every warp is done with this stage: refill it with tile j + kStages, then read the entry after that.
       __syncthreads();
       load_tile(stage, tile + kStages, entry_next);

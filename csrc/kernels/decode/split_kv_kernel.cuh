@@ -45,14 +45,8 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
   const int seqlen_k = kvcache_seqlen_k(p, b);
   const WindowMask mask{p.seqlen_q, seqlen_k, p.window_left, p.window_right};
   const int i_lo = mr0 / group, i_end = (mr_end - 1) / group + 1;  // query rows [i_lo, i_end) of this block
-  const int key_begin = mask.key_begin(i_lo), key_end = mask.key_end(i_end);
-  // This split's tiles: the block's tile range cut into num_splits near-equal contiguous pieces.
-  const int tile_lo = key_begin / kBlockN;
-  const int tile_hi = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : tile_lo;
-  const int per_split = (tile_hi - tile_lo + p.num_splits - 1) / p.num_splits;
-  const int tile_begin = min(tile_lo + split * per_split, tile_hi);
-  const int tile_end = min(tile_begin + per_split, tile_hi);
-  const int n_tiles = tile_end - tile_begin;
+  const int2 tiles = split_tile_range(mask.key_begin(i_lo), mask.key_end(i_end), kBlockN, split, p.num_splits);
+  const int tile_begin = tiles.x, tile_end = tiles.y, n_tiles = tile_end - tile_begin;
 
   const T* k_base = static_cast<const T*>(p.k_cache) + hk * p.k_head_stride;
   const T* v_base = static_cast<const T*>(p.v_cache) + hk * p.v_head_stride;
@@ -218,51 +212,10 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
     wait_tile(j);
     if constexpr (!Tr::kBulk) __syncthreads();
     const uint32_t sK = sRing + 2 * stage * KVTile::kBytes, sV = sK + KVTile::kBytes;
+    static_assert(kWarpN == 16, "decode_key16_step takes 16 keys per warp");
     const int wrow = warp * kWarpN;  // this warp's first key row in the tile
-    float acc_s[2][4];  // key tiles 0 and 1 of this warp's 16 keys
-    zero_acc(acc_s);
-    gemm_rbt<T, KVTile>(one_mtile(acc_s), one_mtile(qa), sK, wrow, lane);
-
-    const int c0 = tile * kBlockN + wrow;
-    if (!mask.tile_fully_visible(i_lo, i_end, c0, c0 + kWarpN)) {
-#pragma unroll
-      for (int ni = 0; ni < 2; ++ni)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (!mask.visible(qi[e >> 1], c0 + ni * 8 + 2 * t + (e & 1))) acc_s[ni][e] = -INFINITY;
-    }
-
-    // Online softmax in the log2 domain (as the FA2 forward).
-    float factor[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float mx = fmaxf(fmaxf(acc_s[0][2 * half], acc_s[0][2 * half + 1]),
-                       fmaxf(acc_s[1][2 * half], acc_s[1][2 * half + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-      SoftmaxState& st = state[half];
-      factor[half] = st.rescale_to(mx * p.scale_log2);
-      const float offset = st.exp_offset();
-      float sum = 0.f;
-#pragma unroll
-      for (int ni = 0; ni < 2; ++ni)
-#pragma unroll
-        for (int e = 2 * half; e < 2 * half + 2; ++e) {
-          const float pe = exp2_approx(fmaf(acc_s[ni][e], p.scale_log2, -offset));
-          acc_s[ni][e] = pe;
-          sum += pe;
-        }
-      st.l += sum;  // this thread's columns; the quad is summed in the epilogue
-    }
-#pragma unroll
-    for (int di = 0; di < kDT; ++di)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_o[di][e] *= factor[e >> 1];
-
-    // The S accumulators of the two key tiles are the A operand of one k16 step of P V.
-    uint32_t pf[1][1][4];
-    pack_a_frags<T>(pf, one_mtile(acc_s));
-    gemm_rb<T, KVTile>(one_mtile(acc_o), pf, sV, wrow, 0, lane);
+    decode_key16_step<T, KVTile>(acc_o, state, one_mtile(qa), sK, sV, wrow, tile * kBlockN + wrow, mask, i_lo,
+                                 i_end, qi, p.scale_log2, lane);
     // Every warp is done with this stage: refill it at once with tile j + kStages (pages read one iteration
     // ago), so the whole ring is in flight while the block waits for tile j + 1; then read the pages of the
     // tile after that under the next tile's math.
