@@ -63,8 +63,7 @@ struct Fa3FwdTraits {
   static constexpr bool kStagedO = kQBuffers == 2;
   // Q buffers | K stages | V stages | mbarriers, after aligning the base to the 1024-byte swizzle atom.
   static constexpr int kBarrierOffset = kQBuffers * kQBytes + 2 * kStages * kKVBytes;
-  // ... then the tile number of each Q buffer's load (kDynamic), after aligning the base.
-  static constexpr int kSmemBytes = kBarrierOffset + 8 * (2 * kQBuffers + 4 * kStages) + 4 * kQBuffers + 1024;
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * (2 * kQBuffers + 4 * kStages) + 1024;
   // 64K registers per SM: 128 x 24 for the producer, the rest split among the consumers (multiple of 8).
   static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   // Q as the register operand of S = Q K^T (read from shared memory once per tile, with ldmatrix) instead of a
@@ -74,14 +73,6 @@ struct Fa3FwdTraits {
   static constexpr bool kQInRegs = FAE_FA3_Q_IN_REGS && kHeadDim <= 128;
 #else
   static constexpr bool kQInRegs = false;
-#endif
-  // Dynamic tile scheduler (experiment, not yet measured: bench/NOTES.md): the producer takes tile numbers from a
-  // global counter and hands each to the consumers with its Q load, so blocks that finish early take more tiles
-  // (a static stride balances causal tiles worse, above all over L2 chunks of heads).
-#ifdef FAE_FA3_DYNAMIC
-  static constexpr bool kDynamic = FAE_FA3_DYNAMIC;
-#else
-  static constexpr bool kDynamic = false;
 #endif
 #ifdef FAE_FA3_PINGPONG
   static constexpr bool kPingPong = FAE_FA3_PINGPONG;
@@ -262,9 +253,8 @@ __device__ __forceinline__ int persistent_tile(int round) {
 struct TileOrder {
   int heads;  // (batch, head) pairs per chunk
   static constexpr int64_t kL2Budget = 24 << 20;  // bytes of K/V a chunk may keep in L2 (the H100/H200 L2: 50 MB)
-  // balanced_at_run_time: tiles go to blocks as blocks free up, in number order (one block per tile: the
-  // hardware; or the dynamic scheduler), not by a static stride.
-  __device__ __forceinline__ TileOrder(const FwdParams& p, int head_dim, int elt_bytes, bool balanced_at_run_time) {
+  // one_block_per_tile: the grid is not persistent (the hardware hands out tiles in number order).
+  __device__ __forceinline__ TileOrder(const FwdParams& p, int head_dim, int elt_bytes, bool one_block_per_tile) {
     const int64_t kv_bytes_per_head = 2ll * p.seqlen_k * head_dim * elt_bytes / p.head_group;  // K and V
     const int64_t fit = kL2Budget / (kv_bytes_per_head > 0 ? kv_bytes_per_head : 1);
     const int pairs = p.batch * p.heads_q;
@@ -274,7 +264,7 @@ struct TileOrder {
     // static stride over chunk after chunk balances the blocks' work worse), while unmasked rows gain 3-19%
     // (S16k..S1k). With one block per tile (long masked rows, fwd_launch.cuh) the hardware balances the
     // blocks, and chunks gave +8% at D128 S16k causal.
-    if ((p.window_left >= 0 || p.window_right >= 0) && !balanced_at_run_time) heads = pairs;
+    if ((p.window_left >= 0 || p.window_right >= 0) && !one_block_per_tile) heads = pairs;
 #if defined(FAE_FA3_L2_CHUNKS) && !FAE_FA3_L2_CHUNKS  // A/B experiment: one chunk of every head (the old order)
     heads = pairs;
 #endif
@@ -287,21 +277,6 @@ struct TileOrder {
     return make_int2(num_m_blocks - 1 - r / in_chunk, chunk * heads + r % in_chunk);
   }
 };
-}  // namespace fa3
-
-namespace fa3 {
-// Zeros and lse -inf for rows [m0, m_end) of (sequence, head h) that see no key, from one thread (the dynamic
-// scheduler's producer; such tiles are rare: rows a window leaves empty).
-template <typename T>
-__device__ __noinline__ void write_empty_rows(const FwdParams& p, const SeqInfo& seq, int h, int m0, int m_end) {
-  T* o = seq.q_side(static_cast<T*>(p.o), p.o_batch_stride, p.o_head_stride, p.o_row_stride, h);
-  float* lse = p.lse + lse_row0(p, seq, h);
-  for (int row = m0; row < m_end && row < seq.seqlen_q; ++row) {
-    lse[row] = -INFINITY;
-    uint4* orow = reinterpret_cast<uint4*>(o + static_cast<int64_t>(row) * p.o_row_stride);
-    for (int c = 0; c < p.head_dim / 8; ++c) orow[c] = make_uint4(0u, 0u, 0u, 0u);
-  }
-}
 }  // namespace fa3
 
 // Which (query tile, batch, head) a block works on for a tile number (fa3::TileOrder), its sequence and mask,
@@ -352,7 +327,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     fa3_fwd_kernel(const __grid_constant__ FwdParams p, const __grid_constant__ CUtensorMap tmap_q,
                    const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_v,
                    const __grid_constant__ CUtensorMap tmap_gk, const __grid_constant__ CUtensorMap tmap_gv,
-                   int num_tiles, int* tile_counter) {
+                   int num_tiles) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
   using T = typename Tr::T;
@@ -371,14 +346,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   uint64_t* bar_v = bar_k + kStages;                // V of stage s landed
   uint64_t* bar_k_free = bar_v + kStages;           // both consumers are done with K of stage s
   uint64_t* bar_v_free = bar_k_free + kStages;      // ... with V of stage s
-  // kDynamic: the tile number of the Q load in buffer b (-1: no tile left), written before that load's arrive.
-  int* tile_slot = reinterpret_cast<int*>(bar_v_free + kStages);
 
   const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;  // varlen: of the longest sequence
   const WindowMask padded_mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
-  const fa3::TileOrder order(p, kD, static_cast<int>(sizeof(T)),
-                            Tr::kDynamic || static_cast<int>(gridDim.x) >= num_tiles);
-  if constexpr (kVarlen && !Tr::kDynamic) {
+  const fa3::TileOrder order(p, kD, static_cast<int>(sizeof(T)), static_cast<int>(gridDim.x) >= num_tiles);
+  if constexpr (kVarlen) {
     // One tile per block (not persistent) and that tile past its sequence's end: the whole block leaves before
     // any barrier (cheaper than the empty-tile path below for the many such blocks of a varlen grid).
     if (static_cast<int>(gridDim.x) >= num_tiles) {
@@ -418,40 +390,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       tma_prefetch_desc(&tmap_gv);
     }
     int it = 0, q_it = 0;
-    for (int round = 0;; ++round) {
-      // The next tile: static, the block's tile of this round; dynamic, the counter's next number, handed to the
-      // consumers in the slot of its Q buffer (-1 after the last). A tile with no visible key gets its zeros
-      // here (static: from the consumers, find_tile below), so every slot the consumers see has work.
-      int tile;
-      if constexpr (Tr::kDynamic) {
-        tile = atomicAdd(tile_counter, 1);
-        if (tile >= num_tiles) {
-          const int qb = q_it % kQBuffers, q_use = q_it / kQBuffers;
-          if (q_use > 0) mbar_wait(&bar_q_free[qb], (q_use - 1) & 1);
-          tile_slot[qb] = -1;
-          mbar_arrive(&bar_q[qb]);
-          // The last block to finish resets the counter for the next launch (every block has taken its last
-          // number before it counts itself here).
-          if (atomicAdd(tile_counter + 1, 1) == static_cast<int>(gridDim.x) - 1) {
-            tile_counter[0] = 0;
-            tile_counter[1] = 0;
-          }
-          break;
-        }
-      } else {
-        if (round * static_cast<int>(gridDim.x) >= num_tiles) break;
-        tile = fa3::persistent_tile(round);
-        if (tile >= num_tiles) continue;
-      }
+    for (int round = 0; round * static_cast<int>(gridDim.x) < num_tiles; ++round) {
+      const int tile = fa3::persistent_tile(round);
+      if (tile >= num_tiles) continue;
       const Fa3Tile<Tr, kVarlen, kGlobal> tl(p, padded_mask, order, tile, num_m_blocks);
-      if (tl.n_count == 0) {
-        if constexpr (Tr::kDynamic) fa3::write_empty_rows<T>(p, tl.seq, tl.h, tl.m0, tl.m_end);
-        continue;
-      }
+      if (tl.n_count == 0) continue;
       const int hk = tl.h / p.head_group;
       const int qb = q_it % kQBuffers, q_use = q_it / kQBuffers;
       if (q_use > 0) mbar_wait(&bar_q_free[qb], (q_use - 1) & 1);
-      if constexpr (Tr::kDynamic) tile_slot[qb] = tile;
       mbar_arrive_expect_tx(&bar_q[qb], Tr::kQBytes);
       const fa3::TmaRow q_at = fa3::q_rows(tl.seq, tl.m0);
 #pragma unroll
@@ -615,30 +561,24 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   // This block's tiles in order (the producer walks the same order); a tile with no visible key gets its
   // zeros and lse -inf here, on the way, and is skipped by both sides. Returns the next tile with work, or -1.
-  // Dynamic: the tile the producer put in the slot of Q load `q_load` (it wrote any empty tile's zeros itself).
   int round = 0;
-  auto find_tile = [&](int q_load) -> int {
-    if constexpr (Tr::kDynamic) {
-      mbar_wait(&bar_q[q_load % kQBuffers], (q_load / kQBuffers) & 1);
-      return tile_slot[q_load % kQBuffers];
-    } else {
-      for (; round * static_cast<int>(gridDim.x) < num_tiles; ++round) {
-        const int tile = fa3::persistent_tile(round);
-        if (tile >= num_tiles) continue;
-        const Tile tl(p, padded_mask, order, tile, num_m_blocks);
-        if (tl.n_count > 0) {
-          ++round;
-          return tile;
-        }
-        write_empty(tl);
+  auto find_tile = [&]() -> int {
+    for (; round * static_cast<int>(gridDim.x) < num_tiles; ++round) {
+      const int tile = fa3::persistent_tile(round);
+      if (tile >= num_tiles) continue;
+      const Tile tl(p, padded_mask, order, tile, num_m_blocks);
+      if (tl.n_count > 0) {
+        ++round;
+        return tile;
       }
-      return -1;
+      write_empty(tl);
     }
+    return -1;
   };
 
   // `it` counts K/V tiles over the whole block (stage it % kStages), `q_it` Q loads (tiles with work).
   int it = 0, q_it = 0;
-  int tile = find_tile(q_it);
+  int tile = find_tile();
   if (tile >= 0) {
     // The first S GEMM of tile tl (Q load q_it, K/V tile it), its softmax, P packed.
     auto open_tile = [&](const Tile& tl) {
@@ -695,7 +635,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       char* sQw = Tr::kStagedO ? q_rows_of(q_it) : nullptr;
       // Two Q buffers: the next tile is looked up now, to be opened under this tile's last PV. One buffer: after
       // the epilogue (no tile state of the next tile is live while O takes half of the registers).
-      int next = Tr::kQBuffers == 2 ? find_tile(q_it + 1) : -1;
+      int next = Tr::kQBuffers == 2 ? find_tile() : -1;
       if (Tr::kQBuffers == 2 && next >= 0) {
         // Across the tile boundary, as inside a tile: the next tile's first S GEMM is issued with this tile's
         // last PV GEMM, and its softmax runs while that PV runs; then this tile's epilogue. (With one Q buffer
@@ -748,7 +688,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
       it += n;
       ++q_it;
-      if (Tr::kQBuffers == 1) next = find_tile(q_it);
+      if (Tr::kQBuffers == 1) next = find_tile();
       if (next < 0) break;
       tile = next;
       open_tile(Tile(p, padded_mask, order, tile, num_m_blocks));

@@ -9,22 +9,6 @@
 
 namespace fae {
 
-namespace fa3 {
-// The dynamic scheduler's counters (experiment, Traits::kDynamic): two ints per device, zeroed once; each launch's
-// last block resets them, so launches in one stream reuse them (concurrent launches in several streams would
-// share them: not for production as it is).
-inline int* dynamic_tile_counter() {
-  static int* counters[64] = {};
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  if (counters[device] == nullptr) {
-    check_cuda(cudaMalloc(&counters[device], 2 * sizeof(int)), "cudaMalloc(tile counter)");
-    check_cuda(cudaMemset(counters[device], 0, 2 * sizeof(int)), "cudaMemset(tile counter)");
-  }
-  return counters[device];
-}
-}  // namespace fa3
-
 template <typename Tr, bool kVarlen, bool kGlobal>
 void launch_fa3_fwd_kernel(const FwdParams& params, const CUtensorMap& tq, const CUtensorMap& tk,
                            const CUtensorMap& tv, const CUtensorMap& tgk, const CUtensorMap& tgv, int num_tiles,
@@ -40,10 +24,8 @@ void launch_fa3_fwd_kernel(const FwdParams& params, const CUtensorMap& tq, const
 #ifdef FAE_FA3_PERSISTENT
   const bool persistent = FAE_FA3_PERSISTENT;
 #else
-  const bool persistent = Tr::kDynamic || !masked || params.seqlen_k <= 8192;
+  const bool persistent = !masked || params.seqlen_k <= 8192;
 #endif
-  int* tile_counter = nullptr;
-  if constexpr (Tr::kDynamic) tile_counter = fa3::dynamic_tile_counter();
   int grid = num_tiles;
   if (persistent) {
     int device = 0, sms = 0;  // host-side attribute queries: no sync, capture-safe
@@ -51,7 +33,7 @@ void launch_fa3_fwd_kernel(const FwdParams& params, const CUtensorMap& tq, const
     check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute(SMs)");
     grid = num_tiles > sms ? sms : num_tiles;
   }
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(params, tq, tk, tv, tgk, tgv, num_tiles, tile_counter);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(params, tq, tk, tv, tgk, tgv, num_tiles);
   check_cuda(cudaGetLastError(), "fa3_fwd launch");
 }
 
