@@ -91,7 +91,7 @@ def _bwd_fake(dout, q, k, v, out, lse, scale, window_left, window_right, determi
 
 
 def _kvcache_fwd_fake(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale, window_left,
-                      window_right, num_splits, workspace):
+                      window_right, num_splits, workspace, q_pos=None):
     out = torch.empty_like(q)
     lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
     return out, lse
@@ -140,11 +140,12 @@ def bwd(dout, q, k, v, out, lse, scale, window_left, window_right, deterministic
 
 
 def kvcache_fwd(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new, scale, window_left, window_right,
-                num_splits=0, workspace=None):
-    """Attention against a KV cache: C++ checks of shapes, dtypes and layouts; no value checks."""
+                num_splits=0, workspace=None, q_pos=None):
+    """Attention against a KV cache: C++ checks of shapes, dtypes and layouts; no value checks. q_pos: optional
+    (B, Sq) int32, the key position of each query row (default bottom-right aligned; not with k_new)."""
     return torch.ops.flashattn_ext.kvcache_fwd.default(q, k_cache, v_cache, cache_seqlens, block_table, k_new, v_new,
                                                        float(scale), int(window_left), int(window_right),
-                                                       int(num_splits), workspace)
+                                                       int(num_splits), workspace, q_pos)
 
 
 def merge_states(o_a, lse_a, o_b, lse_b):

@@ -11,6 +11,10 @@ j <= i when causal). The result is assembled from three disjoint key sets per ro
 
     non-global row: merge(L, G)        global row: merge(L, D)
 
+On CUDA with a decode head dim (64, 128) the forward's global rows are instead computed whole, over every key they
+see, by one call of the split-KV decode kernel with the gathered rows as queries at their own positions
+(``kvcache_fwd(..., q_pos=)``): K/V read once, no (G, S) score matrix, no merge; the backward keeps L / G / D.
+
 The sets never overlap (a global key inside the window is L's, not G's), so every visible key is counted once.
 On the Hopper family the forward's L and G are one kernel pass (op fwd_global: the gathered global K/V are extra
 key tiles of every query tile, csrc/kernels/fa3/fwd_kernel.cuh); it computes L + G for every row, global rows
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _ops
-from .kvcache import merge_states_unchecked
+from .kvcache import decode_head_dims, merge_states_unchecked
 from .reference import attention_reference, blocked_backward, in_window
 
 NEG_INF = float("-inf")
@@ -290,6 +294,24 @@ def _global_rows(q, k, v, o_l, lse_l, tokens, spec, exclude_global):
     return merge_states_unchecked(o_l_rows, _gather_stat(lse_l, tokens), o_d, lse_d.view(B, Hq, G))
 
 
+def _rows_by_decode(q):
+    """True when the global rows run as one decode-kernel call (CUDA, a decode head dim)."""
+    return q.is_cuda and _ops.HAS_KVCACHE_OP and q.shape[-1] in decode_head_dims()
+
+
+def _global_rows_decode(q, k, v, tokens, spec):
+    """(out, lse) of the global rows, (B, Hq, G, D) in q's dtype and (B, Hq, G), each over ALL the keys it sees (every
+    key, or j <= its position when causal): the split-KV decode kernel with the gathered rows as its queries, k / v
+    as a contiguous cache of S keys and each row's position given (q_pos; -1 on the padding, which sees no key when
+    causal and is never written back). K/V are read once per kv head and block of 16 (row, head) pairs, spread
+    over the SMs by the split count, where the GEMM path (``_global_rows``) materialised (B, Hq, G, S) float32
+    scores in ~10 launches."""
+    B, S = q.shape[0], k.shape[2]
+    seqlens = _cached(tokens, ("seqlens", S), lambda: torch.full((B,), S, dtype=torch.int32, device=q.device))
+    return _ops.kvcache_fwd(_gather_rows(q, tokens), k, v, seqlens, None, None, None, spec.scale, -1,
+                            0 if spec.causal else -1, 0, None, tokens.pos32)
+
+
 def _global_forward(q, k, v, tokens, spec):
     B, Hq, S, D = q.shape
     Hkv, G = k.shape[1], tokens.max_count
@@ -301,9 +323,12 @@ def _global_forward(q, k, v, tokens, spec):
                                      spec.scale, spec.left, spec.right, spec.causal, spec.algorithm)
     else:
         o_l, lse_l = _window_forward(q, k, v, spec)
-    # Global rows (written over those rows of the output at the end). Fused, their "L" already holds the global
-    # keys outside the window, so D leaves those out.
-    o_r, lse_r = _global_rows(q, k, v, o_l, lse_l, tokens, spec, exclude_global=fused)
+    # Global rows (written over those rows of the output at the end): whole rows from the decode kernel, or L
+    # merged with D (fused, their "L" already holds the global keys outside the window, so D leaves those out).
+    if _rows_by_decode(q):
+        o_r, lse_r = _global_rows_decode(q, k, v, tokens, spec)
+    else:
+        o_r, lse_r = _global_rows(q, k, v, o_l, lse_l, tokens, spec, exclude_global=fused)
     if fused:
         out, lse = o_l, lse_l
     else:

@@ -22,8 +22,10 @@ struct WindowMask {
 
   __host__ __device__ __forceinline__ int pos(int row) const { return row + seqlen_k - seqlen_q; }
 
-  __host__ __device__ __forceinline__ bool visible(int row, int col) const {
-    const int p = pos(row);
+  __host__ __device__ __forceinline__ bool visible(int row, int col) const { return visible_at(pos(row), col); }
+  // The same rule for a query at key position p given explicitly (a row whose position is not pos(row): the
+  // decode kernels' per-row positions, KvCacheParams::q_pos).
+  __host__ __device__ __forceinline__ bool visible_at(int p, int col) const {
     // Bitwise & keeps this branch-free in the per-element masking loop.
     return (col < seqlen_k) & (left < 0 || col >= p - left) & (right < 0 || col <= p + right);
   }
@@ -36,14 +38,17 @@ struct WindowMask {
   }
 
   // Key range [begin, end) that any of rows [row0, row1) may see; end <= begin means nothing.
-  __host__ __device__ __forceinline__ int key_begin(int row0) const {
+  __host__ __device__ __forceinline__ int key_begin(int row0) const { return key_begin_at(pos(row0)); }
+  __host__ __device__ __forceinline__ int key_end(int row1) const { return key_end_at(pos(row1 - 1)); }
+  // ... of queries at key positions p_first <= ... <= p_last (positions given explicitly).
+  __host__ __device__ __forceinline__ int key_begin_at(int p_first) const {
     if (left < 0) return 0;
-    const int b = pos(row0) - left;
+    const int b = p_first - left;
     return b > 0 ? b : 0;
   }
-  __host__ __device__ __forceinline__ int key_end(int row1) const {
+  __host__ __device__ __forceinline__ int key_end_at(int p_last) const {
     if (right < 0) return seqlen_k;
-    const int e = pos(row1 - 1) + right + 1;
+    const int e = p_last + right + 1;
     return e < seqlen_k ? e : seqlen_k;
   }
 
@@ -62,9 +67,13 @@ struct WindowMask {
 
   // True when every row in [row0, row1) sees every key in [col0, col1): the tile needs no masking.
   __host__ __device__ __forceinline__ bool tile_fully_visible(int row0, int row1, int col0, int col1) const {
+    return tile_fully_visible_at(pos(row0), pos(row1 - 1), col0, col1);
+  }
+  // ... for queries at key positions p_first <= ... <= p_last.
+  __host__ __device__ __forceinline__ bool tile_fully_visible_at(int p_first, int p_last, int col0, int col1) const {
     if (col1 > seqlen_k) return false;
-    if (left >= 0 && col0 < pos(row1 - 1) - left) return false;
-    if (right >= 0 && col1 - 1 > pos(row0) + right) return false;
+    if (left >= 0 && col0 < p_last - left) return false;
+    if (right >= 0 && col1 - 1 > p_first + right) return false;
     return true;
   }
 

@@ -123,6 +123,11 @@ struct KvCacheParams {
   int split_variant;  // the split kernel's variant (decode_launch.cuh, FAE_DECODE_VARIANTS), chosen by the host
   float scale, scale_log2;
   int window_left, window_right;  // as FwdParams, around p = i + seqlen_k - seqlen_q (seqlen_k per batch)
+  // (batch, seqlen_q) contiguous: row i of batch b sits at key position q_pos[b * seqlen_q + i] instead of
+  // i + seqlen_k - seqlen_q (rows at arbitrary positions, e.g. Longformer's global rows); null: bottom-right.
+  // Device values, only ever compared with key positions: any value is safe (a negative one sees no key when
+  // causal).
+  const int* __restrict__ q_pos;
 };
 
 // The host's view of a decode call's split kernel (decode_plan in decode_launch.cuh): which variant runs, how

@@ -92,7 +92,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& k_new,
                                                const std::optional<at::Tensor>& v_new, double scale,
                                                int64_t window_left, int64_t window_right, int64_t num_splits,
-                                               const std::optional<at::Tensor>& workspace) {
+                                               const std::optional<at::Tensor>& workspace,
+                                               const std::optional<at::Tensor>& q_pos) {
   TORCH_CHECK_VALUE(q.is_cuda(), "q must be a CUDA tensor, got one on ", q.device().str());
   check_cache_operand(q, "q", q);
   check_kernel_dtype(q, "q", q);
@@ -150,6 +151,15 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
                       ", got ", shape(k_new->sizes()), " and ", shape(v_new->sizes()));
     seqlen_new = Sq;
   }
+  if (q_pos.has_value()) {  // per-row query positions (KvCacheParams::q_pos): rows not appended, nothing to infer
+    const at::Tensor& qp = *q_pos;
+    TORCH_CHECK_VALUE(qp.device() == q.device() && qp.scalar_type() == at::kInt && qp.dim() == 2 && qp.size(0) == B &&
+                          qp.size(1) == Sq && qp.is_contiguous(),
+                      "q_pos must be a contiguous int32 tensor of shape (batch, q seqlen) = (", num(B), ", ", num(Sq),
+                      ") on q's device, got ", dtype_name(qp.scalar_type()), " ", shape(qp.sizes()), " on ",
+                      qp.device().str());
+    TORCH_CHECK_VALUE(!k_new.has_value(), "q_pos cannot be combined with k_new (appended rows sit at cache_seqlens)");
+  }
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -194,7 +204,9 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
   fill_output_params(p, out, lse, scale);
   // A row sees at most capacity + seqlen_new keys (lengths are clamped to the capacity on the device).
   p.window_left = window_bound(window_left, max_pages * page_size + seqlen_new);
-  p.window_right = window_bound(window_right, Sq);
+  // Bottom-right aligned rows lie within Sq of the last key; rows at given positions may lie anywhere.
+  p.window_right = window_bound(window_right, q_pos.has_value() ? max_pages * page_size + seqlen_new : Sq);
+  p.q_pos = q_pos.has_value() ? q_pos->data_ptr<int>() : nullptr;
   p.num_m_blocks = static_cast<int>((Sq * (Hq / Hkv) + kDecodeBlockM - 1) / kDecodeBlockM);
 
   FAE_DTYPE_SWITCH(q.scalar_type(), T, [&] {

@@ -127,7 +127,7 @@ TORCH_LIBRARY(flashattn_ext, m) {
   m.def(
       "kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? block_table, "
       "Tensor? k_new, Tensor? v_new, float scale, int window_left, int window_right, int num_splits, "
-      "Tensor(c!)? workspace) -> (Tensor, Tensor)");
+      "Tensor(c!)? workspace, Tensor? q_pos=None) -> (Tensor, Tensor)");
   m.def("merge_states(Tensor o_a, Tensor lse_a, Tensor o_b, Tensor lse_b) -> (Tensor, Tensor)");
 #endif
 }

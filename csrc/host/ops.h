@@ -35,7 +35,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& k_new,
                                                const std::optional<at::Tensor>& v_new, double scale,
                                                int64_t window_left, int64_t window_right, int64_t num_splits,
-                                               const std::optional<at::Tensor>& workspace);
+                                               const std::optional<at::Tensor>& workspace,
+                                               const std::optional<at::Tensor>& q_pos);
 
 std::tuple<at::Tensor, at::Tensor> merge_states(const at::Tensor& o_a, const at::Tensor& lse_a, const at::Tensor& o_b,
                                                 const at::Tensor& lse_b);

@@ -93,25 +93,47 @@ __device__ __forceinline__ int2 split_tile_range(int key_begin, int key_end, int
   return make_int2(begin, min(begin + per_split, tile_hi));
 }
 
+// The key position of query row i of batch b: KvCacheParams::q_pos where given, else bottom-right aligned (and
+// for the padding rows past seqlen_q of a block's last rows, which are never written).
+__device__ __forceinline__ int kvcache_row_pos(const KvCacheParams& p, const WindowMask& mask, int b, int i) {
+  return p.q_pos != nullptr && i < p.seqlen_q ? __ldg(p.q_pos + static_cast<int64_t>(b) * p.seqlen_q + i)
+                                              : mask.pos(i);
+}
+
+// The smallest and largest key position of query rows [i_lo, i_end) of batch b (a block's rows: they set its
+// key range and its no-mask test). Explicit positions need not be ordered: a block has at most 16 rows to scan.
+__device__ __forceinline__ int2 kvcache_pos_range(const KvCacheParams& p, const WindowMask& mask, int b, int i_lo,
+                                                  int i_end) {
+  if (p.q_pos == nullptr) return make_int2(mask.pos(i_lo), mask.pos(i_end - 1));
+  int lo = 0x7fffffff, hi = -0x7fffffff - 1;
+  for (int i = i_lo; i < i_end; ++i) {
+    const int v = kvcache_row_pos(p, mask, b, i);
+    lo = min(lo, v);
+    hi = max(hi, v);
+  }
+  return make_int2(lo, hi);
+}
+
 // One warp's step over 16 keys of a ring tile, in both split kernels: S = Q K^T for its 16 packed rows (Q as the
 // A fragments of the k16 steps, in registers), the mask, the online softmax in the log2 domain (as the FA2
 // forward; each thread sums only its own columns into l, the quad is summed in the epilogue) and O += P V. K and
-// V are rows [row0, row0 + 16) of Tile at sK / sV; c0 is the position of the first of those keys.
+// V are rows [row0, row0 + 16) of Tile at sK / sV; c0 is the position of the first of those keys. qpos: the key
+// positions of this thread's rows (g, g + 8); pos_range: the smallest and largest over the block's rows.
 template <typename T, typename Tile, int kDT, int kKSteps>
 __device__ __forceinline__ void decode_key16_step(float (&acc_o)[kDT][4], SoftmaxState (&state)[2],
                                                   const uint32_t (&qa)[1][kKSteps][4], uint32_t sK, uint32_t sV,
-                                                  int row0, int c0, const WindowMask& mask, int i_lo, int i_end,
-                                                  const int (&qi)[2], float scale_log2, int lane) {
+                                                  int row0, int c0, const WindowMask& mask, int2 pos_range,
+                                                  const int (&qpos)[2], float scale_log2, int lane) {
   const int t = lane % 4;
   float acc_s[2][4];  // key tiles 0 and 1 of the 16 keys
   zero_acc(acc_s);
   gemm_rbt<T, Tile>(one_mtile(acc_s), qa, sK, row0, lane);
-  if (!mask.tile_fully_visible(i_lo, i_end, c0, c0 + 16)) {
+  if (!mask.tile_fully_visible_at(pos_range.x, pos_range.y, c0, c0 + 16)) {
 #pragma unroll
     for (int ni = 0; ni < 2; ++ni)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        if (!mask.visible(qi[e >> 1], c0 + ni * 8 + 2 * t + (e & 1))) acc_s[ni][e] = -INFINITY;
+        if (!mask.visible_at(qpos[e >> 1], c0 + ni * 8 + 2 * t + (e & 1))) acc_s[ni][e] = -INFINITY;
   }
   float factor[2];
 #pragma unroll

@@ -80,7 +80,9 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_heads_kernel(const __grid
   const int seqlen_k = kvcache_seqlen_k(p, b);
   const WindowMask mask{p.seqlen_q, seqlen_k, p.window_left, p.window_right};
   const int i_lo = mr0 / group, i_end = (mr_end - 1) / group + 1;
-  const int2 tiles = split_tile_range(mask.key_begin(i_lo), mask.key_end(i_end), kBlockN, split, p.num_splits);
+  const int2 pos_range = kvcache_pos_range(p, mask, b, i_lo, i_end);
+  const int2 tiles = split_tile_range(mask.key_begin_at(pos_range.x), mask.key_end_at(pos_range.y), kBlockN, split,
+                                      p.num_splits);
   const int tile_begin = tiles.x, tile_end = tiles.y, n_tiles = tile_end - tile_begin;
   const PageSplitter pages(p.page_size, p.block_table == nullptr);
 
@@ -131,6 +133,7 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_heads_kernel(const __grid
 
   // Query row of packed rows g and g + 8 of this warp's m-tile (past the end for padding rows, never written).
   const int qi[2] = {(mr0 + g) / group, (mr0 + g + 8) / group};
+  const int qpos[2] = {kvcache_row_pos(p, mask, b, qi[0]), kvcache_row_pos(p, mask, b, qi[1])};
   float acc_o[kDT][4];
   zero_acc(acc_o);
   SoftmaxState state[2];
@@ -175,7 +178,7 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_heads_kernel(const __grid
       const int tile = tile_begin + j;
       sm90::mbar_wait(bars + stage, (j / kStages) & 1);
       const uint32_t sK = sRing + stage * Tr::kStageBytes + warp * kD * 2, sV = sK + Tr::kKVBytes;
-      decode_key16_step<T, Slice>(acc_o, state, qa, sK, sV, 0, tile * kBlockN, mask, i_lo, i_end, qi,
+      decode_key16_step<T, Slice>(acc_o, state, qa, sK, sV, 0, tile * kBlockN, mask, pos_range, qpos,
                                   p.scale_log2, lane);
       // Every warp is done with this stage: refill it with tile j + kStages, then read the entry after that.
       __syncthreads();

@@ -45,7 +45,9 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
   const int seqlen_k = kvcache_seqlen_k(p, b);
   const WindowMask mask{p.seqlen_q, seqlen_k, p.window_left, p.window_right};
   const int i_lo = mr0 / group, i_end = (mr_end - 1) / group + 1;  // query rows [i_lo, i_end) of this block
-  const int2 tiles = split_tile_range(mask.key_begin(i_lo), mask.key_end(i_end), kBlockN, split, p.num_splits);
+  const int2 pos_range = kvcache_pos_range(p, mask, b, i_lo, i_end);
+  const int2 tiles = split_tile_range(mask.key_begin_at(pos_range.x), mask.key_end_at(pos_range.y), kBlockN, split,
+                                      p.num_splits);
   const int tile_begin = tiles.x, tile_end = tiles.y, n_tiles = tile_end - tile_begin;
 
   const T* k_base = static_cast<const T*>(p.k_cache) + hk * p.k_head_stride;
@@ -151,6 +153,7 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
   int qi[2];  // query row of packed rows g and g + 8 (past the end for padding rows, which are never written)
   qi[0] = (mr0 + g) / group;
   qi[1] = (mr0 + g + 8) / group;
+  const int qpos[2] = {kvcache_row_pos(p, mask, b, qi[0]), kvcache_row_pos(p, mask, b, qi[1])};
 
   if constexpr (Tr::kBulk) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -214,8 +217,8 @@ __global__ void __launch_bounds__(Tr::kThreads) decode_split_kernel(const __grid
     const uint32_t sK = sRing + 2 * stage * KVTile::kBytes, sV = sK + KVTile::kBytes;
     static_assert(kWarpN == 16, "decode_key16_step takes 16 keys per warp");
     const int wrow = warp * kWarpN;  // this warp's first key row in the tile
-    decode_key16_step<T, KVTile>(acc_o, state, one_mtile(qa), sK, sV, wrow, tile * kBlockN + wrow, mask, i_lo,
-                                 i_end, qi, p.scale_log2, lane);
+    decode_key16_step<T, KVTile>(acc_o, state, one_mtile(qa), sK, sV, wrow, tile * kBlockN + wrow, mask, pos_range,
+                                 qpos, p.scale_log2, lane);
     // Every warp is done with this stage: refill it at once with tile j + kStages (pages read one iteration
     // ago), so the whole ring is in flight while the block waits for tile j + 1; then read the pages of the
     // tile after that under the next tile's math.
