@@ -16,14 +16,19 @@ FA3 = (["fa3"] if torch.cuda.is_available() and torch.cuda.get_device_capability
        and "90a" in flashattn_ext.build_info().get("cuda_archs", "").split(";") else [])
 
 
-def rows_reference(q, k, v, rows, causal, dtype):
-    """Attention of query rows `rows` (bottom-right causal), computed in `dtype` on the GPU."""
+def rows_reference(q, k, v, rows, causal, dtype, window=(-1, -1)):
+    """Attention of query rows `rows` (bottom-right causal, or the window (left, right) around each row's
+    position), computed in `dtype` on the GPU."""
     Sq, Sk, D = q.shape[2], k.shape[2], q.shape[3]
     qs = q[:, :, rows].to(dtype)
     s = torch.matmul(qs, k.to(dtype).transpose(-1, -2)) / math.sqrt(D)
+    pos, j = (rows + Sk - Sq)[:, None], torch.arange(Sk, device=q.device)[None, :]
     if causal:
-        pos = (rows + Sk - Sq)[:, None]
-        s = s.masked_fill(torch.arange(Sk, device=q.device)[None, :] > pos, float("-inf"))
+        s = s.masked_fill(j > pos, float("-inf"))
+    if window[0] >= 0:
+        s = s.masked_fill(j < pos - window[0], float("-inf"))
+    if window[1] >= 0:
+        s = s.masked_fill(j > pos + window[1], float("-inf"))
     return torch.matmul(torch.softmax(s.float(), dim=-1).to(dtype), v.to(dtype))
 
 
@@ -42,6 +47,24 @@ def test_sequence_131072(causal, algorithm):
     err = (out[:, :, rows].double() - ref).abs().max().item()
     bound = 2 * (low.double() - ref).abs().max().item() + OUT_FLOOR
     assert err <= bound, f"S=131072 causal={causal}: err {err:.3e} > bound {bound:.3e}"
+
+
+@pytest.mark.parametrize("window", [(1000, 0), (300, 300)])
+@pytest.mark.parametrize("algorithm", ["fa2"] + FA3)
+def test_long_band(window, algorithm):
+    # A band past 8k keys: the Hopper forward's persistent grid for banded rows (fa3/fwd_launch.cuh), with
+    # query tiles from the first (a shorter band) to the last.
+    S, D = 20_000, 64
+    g = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = (torch.randn(1, 2, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    out = flashattn_ext.attention(q, k, v, window=window, algorithm=algorithm)
+    rows = torch.cat([torch.arange(0, 130), torch.randint(130, S - 130, (64,), generator=torch.Generator().manual_seed(1)),
+                      torch.arange(S - 130, S)]).to("cuda")
+    ref = rows_reference(q, k, v, rows, False, torch.float64, window)
+    low = rows_reference(q, k, v, rows, False, torch.bfloat16, window)
+    err = (out[:, :, rows].double() - ref).abs().max().item()
+    bound = 2 * (low.double() - ref).abs().max().item() + OUT_FLOOR
+    assert err <= bound, f"S={S} window={window}: err {err:.3e} > bound {bound:.3e}"
 
 
 def test_more_than_100k_blocks():
