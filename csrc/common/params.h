@@ -125,8 +125,8 @@ struct KvCacheParams {
   int window_left, window_right;  // as FwdParams, around p = i + seqlen_k - seqlen_q (seqlen_k per batch)
   // (batch, seqlen_q) contiguous: row i of batch b sits at key position q_pos[b * seqlen_q + i] instead of
   // i + seqlen_k - seqlen_q (rows at arbitrary positions, e.g. Longformer's global rows); null: bottom-right.
-  // Device values, only ever compared with key positions: any value is safe (a negative one sees no key when
-  // causal).
+  // Device values, only ever compared with key positions (clamped to +-2^30 first): any value is safe (a
+  // negative one sees no key when causal).
   const int* __restrict__ q_pos;
 };
 

@@ -94,10 +94,12 @@ __device__ __forceinline__ int2 split_tile_range(int key_begin, int key_end, int
 }
 
 // The key position of query row i of batch b: KvCacheParams::q_pos where given, else bottom-right aligned (and
-// for the padding rows past seqlen_q of a block's last rows, which are never written).
+// for the padding rows past seqlen_q of a block's last rows, which are never written). A given position is
+// clamped to +-2^30 so the window arithmetic on it (p - left, p + right + 1) cannot overflow an int.
 __device__ __forceinline__ int kvcache_row_pos(const KvCacheParams& p, const WindowMask& mask, int b, int i) {
-  return p.q_pos != nullptr && i < p.seqlen_q ? __ldg(p.q_pos + static_cast<int64_t>(b) * p.seqlen_q + i)
-                                              : mask.pos(i);
+  if (p.q_pos == nullptr || i >= p.seqlen_q) return mask.pos(i);
+  constexpr int kLimit = 1 << 30;
+  return min(max(__ldg(p.q_pos + static_cast<int64_t>(b) * p.seqlen_q + i), -kLimit), kLimit);
 }
 
 // The smallest and largest key position of query rows [i_lo, i_end) of batch b (a block's rows: they set its
