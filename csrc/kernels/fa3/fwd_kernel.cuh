@@ -79,6 +79,15 @@ struct Fa3FwdTraits {
 #else
   static constexpr bool kPingPong = true;  // measured: +2-16% over issuing freely (bench/NOTES.md)
 #endif
+  // Experiment (compiled, not yet run; bench/NOTES.md): at a tile boundary, issue the next tile's second S GEMM
+  // before this tile's epilogue, so the epilogue runs under it instead of with the tensor cores idle (ncu, D128
+  // S1k: the boundary step costs 2.6x a key step), then that tile's first key step as a peeled step. Two Q
+  // buffers, no global keys.
+#ifdef FAE_FA3_EPI_UNDER_S
+  static constexpr bool kEpilogueUnderS = FAE_FA3_EPI_UNDER_S && kQBuffers == 2;
+#else
+  static constexpr bool kEpilogueUnderS = false;
+#endif
   static_assert(kHeadDim % 64 == 0, "the Hopper forward takes head dims that are multiples of 64");
   static_assert(kSmemBytes <= 227 * 1024, "tile does not fit in shared memory");
 };
@@ -149,12 +158,13 @@ struct Consumer {
 
   // O += P V: P (64 x kBlockN) from registers, V (kBlockN keys x D) MN-major in shared memory: a 16-key
   // k-step is 2 atoms of 8 key rows (sbo = 1024), the D columns span the panels (lbo = panel bytes). Issues only.
+  // accumulate = false: O = P V (a tile's first step, O not zeroed beforehand).
   static __device__ __forceinline__ void issue_pv(float (&acc_o)[kD / 2], const uint32_t (&p_frag)[kBlockN / 16][4],
-                                                  uint32_t v_base) {
+                                                  uint32_t v_base, bool accumulate = true) {
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       const uint64_t dv = sm90::smem_desc_sw128(v_base + kk * 16 * 128, Tr::kPanelKV, 1024);
-      sm90::WgmmaRS<kD, T, 1>::run(acc_o, p_frag[kk], dv, 1);
+      sm90::WgmmaRS<kD, T, 1>::run(acc_o, p_frag[kk], dv, kk > 0 || accumulate);
     }
   }
 
@@ -578,6 +588,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   // `it` counts K/V tiles over the whole block (stage it % kStages), `q_it` Q loads (tiles with work).
   int it = 0, q_it = 0;
+  int first_step = 1;  // the current tile's first key step in the loop (2: the boundary ran step 1, kEpilogueUnderS)
   int tile = find_tile();
   if (tile >= 0) {
     // The first S GEMM of tile tl (Q load q_it, K/V tile it), its softmax, P packed.
@@ -609,7 +620,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       // the PV GEMM of the previous tile.
       const int n = tl.n_count, row0 = row0_of(tl);
       const uint32_t q_base = sm90::smem_addr(q_rows_of(q_it));
-      for (int i = 1; i < n; ++i) {
+      const int i0 = Tr::kEpilogueUnderS ? first_step : 1;
+      if constexpr (Tr::kEpilogueUnderS) first_step = 1;
+      for (int i = i0; i < n; ++i) {
         const int cur = it + i, prev = it + i - 1;
         mbar_wait(&bar_k[stage_of(cur)], parity_of(cur));
         mbar_wait(&bar_v[stage_of(prev)], parity_of(prev));
@@ -659,6 +672,40 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         wgmma_wait<0>();  // this tile's O is final
         fence_regs(acc_o);
         release(&bar_v_free[stage_of(last)]);
+        if (Tr::kEpilogueUnderS && !kGlobal && nt.n_count >= 2) {
+          // The next tile's P(0) out of acc_s, its S(1) into acc_s under this tile's epilogue, then its step 1
+          // here (PV(0) writes O: no zeroing), so the loop resumes at step 2 with no wgmma in flight.
+          C::pack_p(p_frag, acc_s);
+          mbar_wait(&bar_k[stage_of(first + 1)], parity_of(first + 1));
+          sched_wait();
+          wgmma_fence();
+          qk(first + 1, nq_base);
+          wgmma_commit();
+          sched_pass();
+          epilogue(tl, sQw, rsum, rmax);
+          fence_proxy_async_smem();  // the epilogue's shared-memory accesses before the TMA load that refills it
+          release(&bar_q_free[q_it % kQBuffers]);
+          mbar_wait(&bar_v[stage_of(first)], parity_of(first));
+          sched_wait();
+          wgmma_fence();
+          C::issue_pv(acc_o, p_frag, v_smem + stage_of(first) * Tr::kKVBytes, false);
+          wgmma_commit();
+          sched_pass();
+          wgmma_wait<1>();  // S(1) done
+          fence_regs(acc_s);
+          release(&bar_k_free[stage_of(first + 1)]);
+          C::softmax(acc_s, row_max, row_sum, scale_o, nt.mask, needs_mask(nt, 1), row0_of(nt), nt.n0(1), t,
+                     p.scale_log2);
+          wgmma_wait<0>();  // PV(0) done
+          fence_regs(acc_o);
+          release(&bar_v_free[stage_of(first)]);
+          C::pack_p(p_frag, acc_s);
+          first_step = 2;
+          it += n;
+          ++q_it;
+          tile = next;
+          continue;
+        }
         epilogue(tl, sQw, rsum, rmax);
         fence_proxy_async_smem();  // the epilogue's shared-memory accesses before the TMA load that refills it
         release(&bar_q_free[q_it % kQBuffers]);
