@@ -30,7 +30,7 @@ def positioned_reference(q, k, v, lens, pos, scale, left, right, compute):
         vis = vis & (j <= p + right)
     kk = k.repeat_interleave(Hq // Hkv, dim=1).to(compute)
     vv = v.repeat_interleave(Hq // Hkv, dim=1).to(compute)
-    s = (q.to(compute) @ kk.transpose(-1, -2)).float().double() * scale
+    s = (q.to(compute) @ kk.transpose(-1, -2)).double() * scale
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     prob = torch.exp(s - lse.nan_to_num(neginf=0.0).unsqueeze(-1))
