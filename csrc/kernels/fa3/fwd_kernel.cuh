@@ -50,6 +50,16 @@ struct Fa3FwdTraits {
   // (kBlockN 176 and 3 K/V stages at D128 were measured, bench/NOTES.md; neither fits next to two Q buffers.)
   static constexpr int kBlockN = kTall ? 96 : kHeadDim <= 128 ? 128 : 64;
   static constexpr int kStages = kHeadDim <= 64 ? 4 : 2;
+  // K and V stages of the ring (kStages each). Experiment (compiled, not yet run; bench/NOTES.md): one more K stage
+  // at D128, where a third K/V pair does not fit next to two Q buffers but a third K does (224 KB): the next key
+  // step's K, which S needs a step before PV needs its V, then lands earlier (ncu, D128 S1k: consumers waited for K
+  // at 1.8% of samples in the key loop and 1.1% at the tile boundary).
+#ifdef FAE_FA3_K_STAGES_D128
+  static constexpr int kKStages = kHeadDim == 128 ? FAE_FA3_K_STAGES_D128 : kStages;
+#else
+  static constexpr int kKStages = kStages;
+#endif
+  static constexpr int kVStages = kStages;
   static constexpr int kPanels = kHeadDim / 64;     // 64-column (128-byte) swizzle panels per row
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kPanelQ = kBlockM * 128;     // bytes of one panel of the Q tile
@@ -62,8 +72,8 @@ struct Fa3FwdTraits {
   static constexpr int kQBuffers = kHeadDim <= 128 ? 2 : 1;
   static constexpr bool kStagedO = kQBuffers == 2;
   // Q buffers | K stages | V stages | mbarriers, after aligning the base to the 1024-byte swizzle atom.
-  static constexpr int kBarrierOffset = kQBuffers * kQBytes + 2 * kStages * kKVBytes;
-  static constexpr int kSmemBytes = kBarrierOffset + 8 * (2 * kQBuffers + 4 * kStages) + 1024;
+  static constexpr int kBarrierOffset = kQBuffers * kQBytes + (kKStages + kVStages) * kKVBytes;
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * (2 * kQBuffers + 2 * kKStages + 2 * kVStages) + 1024;
   // 64K registers per SM: 128 x 24 for the producer, the rest split among the consumers (multiple of 8).
   static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   // Q as the register operand of S = Q K^T (read from shared memory once per tile, with ldmatrix) instead of a
@@ -341,7 +351,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;
   using T = typename Tr::T;
-  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kD = Tr::kHeadDim, kStages = Tr::kStages;
+  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kD = Tr::kHeadDim;
   constexpr int kPanels = Tr::kPanels;
 
   extern __shared__ char smem_raw[];
@@ -349,13 +359,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   constexpr int kQBuffers = Tr::kQBuffers;
   char* sQ = smem;                                  // Q buffer b at sQ + b * kQBytes
   char* sK = sQ + kQBuffers * Tr::kQBytes;          // stage s at sK + s * kKVBytes
-  char* sV = sK + kStages * Tr::kKVBytes;
+  char* sV = sK + Tr::kKStages * Tr::kKVBytes;
   uint64_t* bar_q = reinterpret_cast<uint64_t*>(smem + Tr::kBarrierOffset);  // Q of buffer b landed
   uint64_t* bar_q_free = bar_q + kQBuffers;         // both consumers are done with buffer b (Q, staged O)
   uint64_t* bar_k = bar_q_free + kQBuffers;         // K of stage s landed
-  uint64_t* bar_v = bar_k + kStages;                // V of stage s landed
-  uint64_t* bar_k_free = bar_v + kStages;           // both consumers are done with K of stage s
-  uint64_t* bar_v_free = bar_k_free + kStages;      // ... with V of stage s
+  uint64_t* bar_v = bar_k + Tr::kKStages;           // V of stage s landed
+  uint64_t* bar_k_free = bar_v + Tr::kVStages;      // both consumers are done with K of stage s
+  uint64_t* bar_v_free = bar_k_free + Tr::kKStages;  // ... with V of stage s
 
   const int num_m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;  // varlen: of the longest sequence
   const WindowMask padded_mask{p.seqlen_q, p.seqlen_k, p.window_left, p.window_right};
@@ -374,19 +384,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       mbar_init(&bar_q[b], 1);
       mbar_init(&bar_q_free[b], Tr::kConsumers * 4);  // one arrive per consumer warp
     }
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(&bar_k[s], 1);
-      mbar_init(&bar_v[s], 1);
-      mbar_init(&bar_k_free[s], Tr::kConsumers * 4);
-      mbar_init(&bar_v_free[s], Tr::kConsumers * 4);
+    for (int s = 0; s < (Tr::kKStages > Tr::kVStages ? Tr::kKStages : Tr::kVStages); ++s) {
+      if (s < Tr::kKStages) mbar_init(&bar_k[s], 1);
+      if (s < Tr::kVStages) mbar_init(&bar_v[s], 1);
+      if (s < Tr::kKStages) mbar_init(&bar_k_free[s], Tr::kConsumers * 4);
+      if (s < Tr::kVStages) mbar_init(&bar_v_free[s], Tr::kConsumers * 4);
     }
     mbar_fence_init();
   }
   __syncthreads();
 
-  // Phases run on across tiles: `it` counts K/V tiles (stage it % kStages, use it / kStages of that stage),
-  // `q_it` counts Q loads (buffer q_it % kQBuffers, use q_it / kQBuffers). Tiles with no visible key load
-  // nothing on either side.
+  // Phases run on across tiles: `it` counts K/V tiles (K stage it % kKStages, use it / kKStages of that stage; V
+  // likewise with kVStages), `q_it` counts Q loads (buffer q_it % kQBuffers, use q_it / kQBuffers). Tiles with no
+  // visible key load nothing on either side.
   const int warpgroup = warpgroup_index();
   if (warpgroup == 0) {
     // ---------------- producer ----------------
@@ -415,27 +425,27 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         tma_load_4d(sQ + qb * Tr::kQBytes + c * Tr::kPanelQ, &tmap_q, &bar_q[qb], c * 64, q_at.row, tl.h, q_at.batch);
       ++q_it;
       for (int i = 0; i < tl.n_count; ++i, ++it) {
-        const int stage = it % kStages;
+        const int k_stage = it % Tr::kKStages, v_stage = it % Tr::kVStages;
         // Use r of a stage waits for release r - 1 (completion r - 1 of its free barrier).
-        const uint32_t free_parity = ((it / kStages) & 1) ^ 1;
-        char* k_dst = sK + stage * Tr::kKVBytes;
-        char* v_dst = sV + stage * Tr::kKVBytes;
+        const uint32_t k_free_parity = ((it / Tr::kKStages) & 1) ^ 1, v_free_parity = ((it / Tr::kVStages) & 1) ^ 1;
+        char* k_dst = sK + k_stage * Tr::kKVBytes;
+        char* v_dst = sV + v_stage * Tr::kKVBytes;
         // Window steps: the key tile at n0(i); global steps: rows of the gathered global K/V of batch b.
         const bool global_step = kGlobal && i >= tl.n_window;
         const fa3::TmaRow kv_at =
             global_step ? fa3::TmaRow{(i - tl.n_window) * kBlockN, tl.b} : fa3::k_rows(tl.seq, tl.n0(i));
         const CUtensorMap* k_map = global_step ? &tmap_gk : &tmap_k;
         const CUtensorMap* v_map = global_step ? &tmap_gv : &tmap_v;
-        if (it >= kStages) mbar_wait(&bar_k_free[stage], free_parity);
-        mbar_arrive_expect_tx(&bar_k[stage], Tr::kKVBytes);
+        if (it >= Tr::kKStages) mbar_wait(&bar_k_free[k_stage], k_free_parity);
+        mbar_arrive_expect_tx(&bar_k[k_stage], Tr::kKVBytes);
 #pragma unroll
         for (int c = 0; c < kPanels; ++c)
-          tma_load_4d(k_dst + c * Tr::kPanelKV, k_map, &bar_k[stage], c * 64, kv_at.row, hk, kv_at.batch);
-        if (it >= kStages) mbar_wait(&bar_v_free[stage], free_parity);
-        mbar_arrive_expect_tx(&bar_v[stage], Tr::kKVBytes);
+          tma_load_4d(k_dst + c * Tr::kPanelKV, k_map, &bar_k[k_stage], c * 64, kv_at.row, hk, kv_at.batch);
+        if (it >= Tr::kVStages) mbar_wait(&bar_v_free[v_stage], v_free_parity);
+        mbar_arrive_expect_tx(&bar_v[v_stage], Tr::kKVBytes);
 #pragma unroll
         for (int c = 0; c < kPanels; ++c)
-          tma_load_4d(v_dst + c * Tr::kPanelKV, v_map, &bar_v[stage], c * 64, kv_at.row, hk, kv_at.batch);
+          tma_load_4d(v_dst + c * Tr::kPanelKV, v_map, &bar_v[v_stage], c * 64, kv_at.row, hk, kv_at.batch);
       }
     }
     return;
@@ -448,8 +458,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int g = lane / 4, t = lane % 4, tid = threadIdx.x % 128;
   const uint32_t k_smem = sm90::smem_addr(sK), v_smem = sm90::smem_addr(sV);
   using C = fa3::Consumer<Tr>;
-  auto stage_of = [](int it) { return it % kStages; };
-  auto parity_of = [](int it) { return static_cast<uint32_t>((it / kStages) & 1); };
+  auto kstage_of = [](int it) { return it % Tr::kKStages; };
+  auto kparity_of = [](int it) { return static_cast<uint32_t>((it / Tr::kKStages) & 1); };
+  auto vstage_of = [](int it) { return it % Tr::kVStages; };
+  auto vparity_of = [](int it) { return static_cast<uint32_t>((it / Tr::kVStages) & 1); };
   auto release = [&](uint64_t* bar) {
     if (lane == 0) mbar_arrive(bar);
   };
@@ -476,8 +488,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     return sQ + (q_load % kQBuffers) * Tr::kQBytes + cw * 64 * 128;
   };
   auto qk = [&](int it_k, uint32_t q_base) {
-    if constexpr (Tr::kQInRegs) C::issue_qk_rs(acc_s, q_frag, k_smem + stage_of(it_k) * Tr::kKVBytes);
-    else C::issue_qk(acc_s, q_base, k_smem + stage_of(it_k) * Tr::kKVBytes);
+    if constexpr (Tr::kQInRegs) C::issue_qk_rs(acc_s, q_frag, k_smem + kstage_of(it_k) * Tr::kKVBytes);
+    else C::issue_qk(acc_s, q_base, k_smem + kstage_of(it_k) * Tr::kKVBytes);
   };
   // One turn of the pipeline: S = Q K(k_it)^T and O += P V(v_it) issued together (after O is rescaled to the
   // max of the S that P came from, on the CUDA cores while S runs), in this consumer's ping-pong turn.
@@ -488,7 +500,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     wgmma_commit();
     C::rescale_o(acc_o, scale_o);
     wgmma_fence();
-    C::issue_pv(acc_o, p_frag, v_smem + stage_of(v_it) * Tr::kKVBytes);
+    C::issue_pv(acc_o, p_frag, v_smem + vstage_of(v_it) * Tr::kKVBytes);
     wgmma_commit();
     sched_pass();
   };
@@ -586,7 +598,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     return -1;
   };
 
-  // `it` counts K/V tiles over the whole block (stage it % kStages), `q_it` Q loads (tiles with work).
+  // `it` counts K/V tiles over the whole block (stages it % kKStages, it % kVStages), `q_it` Q loads (tiles with work).
   int it = 0, q_it = 0;
   int first_step = 1;  // the current tile's first key step in the loop (2: the boundary ran step 1, kEpilogueUnderS)
   int tile = find_tile();
@@ -597,7 +609,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       reset_state();
       mbar_wait(&bar_q[q_it % kQBuffers], (q_it / kQBuffers) & 1);
       if constexpr (Tr::kQInRegs) C::load_q(q_frag, q_base, warp, lane);
-      mbar_wait(&bar_k[stage_of(it)], parity_of(it));
+      mbar_wait(&bar_k[kstage_of(it)], kparity_of(it));
       sched_wait();
       wgmma_fence();
       qk(it, q_base);
@@ -605,7 +617,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       sched_pass();
       wgmma_wait<0>();
       fence_regs(acc_s);
-      release(&bar_k_free[stage_of(it)]);
+      release(&bar_k_free[kstage_of(it)]);
       if (!Tr::kStagedO && tl.n_count == 1) release(&bar_q_free[q_it % kQBuffers]);
       C::softmax(acc_s, row_max, row_sum, scale_o, tl.mask, needs_mask(tl, 0), row0_of(tl), tl.n0(0), t, p.scale_log2);
       C::pack_p(p_frag, acc_s);
@@ -624,12 +636,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       if constexpr (Tr::kEpilogueUnderS) first_step = 1;
       for (int i = i0; i < n; ++i) {
         const int cur = it + i, prev = it + i - 1;
-        mbar_wait(&bar_k[stage_of(cur)], parity_of(cur));
-        mbar_wait(&bar_v[stage_of(prev)], parity_of(prev));
+        mbar_wait(&bar_k[kstage_of(cur)], kparity_of(cur));
+        mbar_wait(&bar_v[vstage_of(prev)], vparity_of(prev));
         issue_qk_pv(cur, q_base, prev);
         wgmma_wait<1>();  // S(i) done; PV(i-1) may still run
         fence_regs(acc_s);
-        release(&bar_k_free[stage_of(cur)]);
+        release(&bar_k_free[kstage_of(cur)]);
         if (!Tr::kStagedO && i == n - 1) release(&bar_q_free[q_it % kQBuffers]);
         if (kGlobal && i >= tl.n_window) {
           const int g0 = (i - tl.n_window) * kBlockN;
@@ -641,7 +653,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
         wgmma_wait<0>();  // PV(i-1) done: O and p_frag may be rewritten, V(i-1) released
         fence_regs(acc_o);
-        release(&bar_v_free[stage_of(prev)]);
+        release(&bar_v_free[vstage_of(prev)]);
         C::pack_p(p_frag, acc_s);
       }
       const int last = it + n - 1;
@@ -658,12 +670,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         const uint32_t nq_base = sm90::smem_addr(q_rows_of(nq));
         mbar_wait(&bar_q[nq % kQBuffers], (nq / kQBuffers) & 1);
         if constexpr (Tr::kQInRegs) C::load_q(q_frag, nq_base, warp, lane);
-        mbar_wait(&bar_k[stage_of(first)], parity_of(first));
-        mbar_wait(&bar_v[stage_of(last)], parity_of(last));
+        mbar_wait(&bar_k[kstage_of(first)], kparity_of(first));
+        mbar_wait(&bar_v[vstage_of(last)], vparity_of(last));
         issue_qk_pv(first, nq_base, last);
         wgmma_wait<1>();  // the next tile's S done; this tile's last PV may still run
         fence_regs(acc_s);
-        release(&bar_k_free[stage_of(first)]);
+        release(&bar_k_free[kstage_of(first)]);
         const float rsum[2] = {row_sum[0], row_sum[1]}, rmax[2] = {row_max[0], row_max[1]};
         row_max[0] = row_max[1] = -INFINITY;
         row_sum[0] = row_sum[1] = 0.f;
@@ -671,12 +683,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                    p.scale_log2);
         wgmma_wait<0>();  // this tile's O is final
         fence_regs(acc_o);
-        release(&bar_v_free[stage_of(last)]);
+        release(&bar_v_free[vstage_of(last)]);
         if (Tr::kEpilogueUnderS && !kGlobal && nt.n_count >= 2) {
           // The next tile's P(0) out of acc_s, its S(1) into acc_s under this tile's epilogue, then its step 1
           // here (PV(0) writes O: no zeroing), so the loop resumes at step 2 with no wgmma in flight.
           C::pack_p(p_frag, acc_s);
-          mbar_wait(&bar_k[stage_of(first + 1)], parity_of(first + 1));
+          mbar_wait(&bar_k[kstage_of(first + 1)], kparity_of(first + 1));
           sched_wait();
           wgmma_fence();
           qk(first + 1, nq_base);
@@ -685,20 +697,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           epilogue(tl, sQw, rsum, rmax);
           fence_proxy_async_smem();  // the epilogue's shared-memory accesses before the TMA load that refills it
           release(&bar_q_free[q_it % kQBuffers]);
-          mbar_wait(&bar_v[stage_of(first)], parity_of(first));
+          mbar_wait(&bar_v[vstage_of(first)], vparity_of(first));
           sched_wait();
           wgmma_fence();
-          C::issue_pv(acc_o, p_frag, v_smem + stage_of(first) * Tr::kKVBytes, false);
+          C::issue_pv(acc_o, p_frag, v_smem + vstage_of(first) * Tr::kKVBytes, false);
           wgmma_commit();
           sched_pass();
           wgmma_wait<1>();  // S(1) done
           fence_regs(acc_s);
-          release(&bar_k_free[stage_of(first + 1)]);
+          release(&bar_k_free[kstage_of(first + 1)]);
           C::softmax(acc_s, row_max, row_sum, scale_o, nt.mask, needs_mask(nt, 1), row0_of(nt), nt.n0(1), t,
                      p.scale_log2);
           wgmma_wait<0>();  // PV(0) done
           fence_regs(acc_o);
-          release(&bar_v_free[stage_of(first)]);
+          release(&bar_v_free[vstage_of(first)]);
           C::pack_p(p_frag, acc_s);
           first_step = 2;
           it += n;
@@ -718,16 +730,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         continue;
       }
       // The last tile (or one Q buffer): the last PV alone, then the epilogue.
-      mbar_wait(&bar_v[stage_of(last)], parity_of(last));
+      mbar_wait(&bar_v[vstage_of(last)], vparity_of(last));
       C::rescale_o(acc_o, scale_o);
       sched_wait();
       wgmma_fence();
-      C::issue_pv(acc_o, p_frag, v_smem + stage_of(last) * Tr::kKVBytes);
+      C::issue_pv(acc_o, p_frag, v_smem + vstage_of(last) * Tr::kKVBytes);
       wgmma_commit();
       sched_pass();
       wgmma_wait<0>();
       fence_regs(acc_o);
-      release(&bar_v_free[stage_of(last)]);
+      release(&bar_v_free[vstage_of(last)]);
       epilogue(tl, sQw, row_sum, row_max);
       if (Tr::kStagedO) {
         fence_proxy_async_smem();  // the epilogue's shared-memory accesses before the TMA load that refills it
