@@ -384,6 +384,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       mbar_init(&bar_q[b], 1);
       mbar_init(&bar_q_free[b], Tr::kConsumers * 4);  // one arrive per consumer warp
     }
+    // One loop in the order of the single-count ring, so equal counts build the same code as before the split.
     for (int s = 0; s < (Tr::kKStages > Tr::kVStages ? Tr::kKStages : Tr::kVStages); ++s) {
       if (s < Tr::kKStages) mbar_init(&bar_k[s], 1);
       if (s < Tr::kVStages) mbar_init(&bar_v[s], 1);
@@ -600,6 +601,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   // `it` counts K/V tiles over the whole block (stages it % kKStages, it % kVStages), `q_it` Q loads (tiles with work).
   int it = 0, q_it = 0;
+  // The epilogue of tile tl (Q load q_it), then, with staged O, its Q buffer back to the producer.
+  auto finish_tile = [&](const Tile& tl, char* sQw, const float (&rsum)[2], const float (&rmax)[2]) {
+    epilogue(tl, sQw, rsum, rmax);
+    if (Tr::kStagedO) {
+      fence_proxy_async_smem();  // the epilogue's shared-memory accesses before the TMA load that refills it
+      release(&bar_q_free[q_it % kQBuffers]);
+    }
+  };
   int first_step = 1;  // the current tile's first key step in the loop (2: the boundary ran step 1, kEpilogueUnderS)
   int tile = find_tile();
   if (tile >= 0) {
@@ -694,9 +703,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           qk(first + 1, nq_base);
           wgmma_commit();
           sched_pass();
-          epilogue(tl, sQw, rsum, rmax);
-          fence_proxy_async_smem();  // the epilogue's shared-memory accesses before the TMA load that refills it
-          release(&bar_q_free[q_it % kQBuffers]);
+          finish_tile(tl, sQw, rsum, rmax);
           mbar_wait(&bar_v[vstage_of(first)], vparity_of(first));
           sched_wait();
           wgmma_fence();
@@ -718,9 +725,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           tile = next;
           continue;
         }
-        epilogue(tl, sQw, rsum, rmax);
-        fence_proxy_async_smem();  // the epilogue's shared-memory accesses before the TMA load that refills it
-        release(&bar_q_free[q_it % kQBuffers]);
+        finish_tile(tl, sQw, rsum, rmax);
 #pragma unroll
         for (int i = 0; i < kD / 2; ++i) acc_o[i] = 0.f;
         C::pack_p(p_frag, acc_s);
@@ -740,11 +745,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       wgmma_wait<0>();
       fence_regs(acc_o);
       release(&bar_v_free[vstage_of(last)]);
-      epilogue(tl, sQw, row_sum, row_max);
-      if (Tr::kStagedO) {
-        fence_proxy_async_smem();  // the epilogue's shared-memory accesses before the TMA load that refills it
-        release(&bar_q_free[q_it % kQBuffers]);
-      }
+      finish_tile(tl, sQw, row_sum, row_max);
       it += n;
       ++q_it;
       if (Tr::kQBuffers == 1) next = find_tile();
